@@ -1,0 +1,1 @@
+fn main() { println!("{}", std::any::type_name::<kd_engine::burn::backend::Flex>()); }

@@ -1,0 +1,11 @@
+//! Data: the list-file dataset, transforms, the (distributed) batch sampler and the threaded loader.
+
+pub mod dataset;
+pub mod loader;
+pub mod sampler;
+pub mod transforms;
+
+pub use dataset::{ImageNetDataset, Sample};
+pub use loader::{load_batch, Batch, Loader};
+pub use sampler::BatchSampler;
+pub use transforms::Transform;

@@ -1,0 +1,240 @@
+//! Losses: one registry from PaddleClas's config names to formulas, one generic wrapper for
+//! `model_name_pairs` / `model_names` / `key`, and the combined (weighted) loss with
+//! PaddleClas's term names.
+
+pub mod functional;
+
+use crate::arch::{ModelOutput, Outputs};
+use crate::config::{LossSpec, Node};
+use anyhow::{anyhow, bail, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+/// Loss names the registry knows.
+pub const LOSSES: &[&str] = &["CELoss", "DistillationGTCELoss", "DistillationKLDivLoss", "DistillationDKDLoss"];
+
+/// The formula of a loss entry, with its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Formula {
+    /// Hard-label CE (optionally label-smoothed); `CELoss_<model>`.
+    GtCe { epsilon: Option<f64> },
+    /// Hinton KD; `loss_kldiv_<A>_<B>`.
+    Kl { temperature: f64 },
+    /// Decoupled KD with an optional linear warm-up over `warmup` epochs; `loss_dkd_<A>_<B>`.
+    Dkd { temperature: f64, alpha: f64, beta: f64, warmup: Option<f64> },
+}
+
+/// Which model outputs a loss reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Binding {
+    /// Plain `CELoss`: the only (or inference) model's logits.
+    Plain,
+    /// `model_names`: a ground-truth loss per model.
+    Models(Vec<String>),
+    /// `model_name_pairs`: a loss per (student-side, teacher-side) pair.
+    Pairs(Vec<(String, String)>),
+}
+
+/// One `Loss.Train` / `Loss.Eval` entry, resolved.
+#[derive(Clone, Debug)]
+pub struct LossTerm {
+    pub config_name: String,
+    pub weight: f64,
+    pub formula: Formula,
+    pub binding: Binding,
+    /// `key` into a model's output dict; only `logits` (or none) for these logit losses.
+    pub key: Option<String>,
+}
+
+/// What a loss sees of the batch.
+pub struct LossContext<'a, B: Backend> {
+    pub outputs: &'a Outputs<B>,
+    pub labels: Tensor<B, 1, Int>,
+    /// 1-based epoch (for warm-ups).
+    pub epoch: usize,
+    /// The model that a plain (unwrapped) loss applies to.
+    pub default_model: &'a str,
+}
+
+fn build_term(spec: &LossSpec) -> Result<LossTerm> {
+    let p = &spec.params;
+    let e = |m: String| anyhow!("{}", p.error(m));
+    let (formula, known): (Formula, &[&str]) = match spec.name.as_str() {
+        "CELoss" | "DistillationGTCELoss" => (Formula::GtCe { epsilon: p.f64("epsilon")? }, &["epsilon"]),
+        "DistillationKLDivLoss" => (Formula::Kl { temperature: p.f64_or("temperature", 4.0)? }, &["temperature"]),
+        "DistillationDKDLoss" => (
+            Formula::Dkd {
+                temperature: p.f64_or("temperature", 1.0)?,
+                alpha: p.f64_or("alpha", 1.0)?,
+                beta: p.f64_or("beta", 1.0)?,
+                warmup: p.f64("warmup")?,
+            },
+            &["temperature", "alpha", "beta", "warmup", "use_target_as_gt"],
+        ),
+        other => bail!("{}", p.error(format!("unknown loss {other:?}; known losses: {}", LOSSES.join(", ")))),
+    };
+    match &formula {
+        Formula::Kl { temperature } | Formula::Dkd { temperature, .. } if *temperature <= 0.0 => {
+            return Err(e(format!("temperature must be positive, got {temperature}")));
+        }
+        Formula::GtCe { epsilon: Some(eps) } if !(0.0..1.0).contains(eps) => {
+            return Err(e(format!("epsilon must be in [0, 1), got {eps}")));
+        }
+        Formula::Dkd { warmup: Some(w), .. } if *w <= 0.0 => return Err(e(format!("warmup must be positive, got {w}"))),
+        _ => {}
+    }
+    let mut known = known.to_vec();
+    known.extend(["weight", "model_name_pairs", "model_names", "key", "name"]);
+    p.warn_unknown_keys(&known);
+    let binding = binding(spec, p)?;
+    let pair_loss = !matches!(formula, Formula::GtCe { .. });
+    match (&binding, pair_loss) {
+        (Binding::Pairs(_), false) => bail!("{}", p.error(format!("{} takes model_names, not model_name_pairs", spec.name))),
+        (Binding::Models(_), true) | (Binding::Plain, true) => {
+            bail!("{}", p.error(format!("{} needs model_name_pairs: [[Student, Teacher]]", spec.name)))
+        }
+        _ => {}
+    }
+    let key = p.str("key")?;
+    if let Some(k) = &key {
+        if k != "logits" {
+            bail!("{}", p.require("key")?.error(format!("{} reads logits; key {k:?} names a feature map", spec.name)));
+        }
+    }
+    Ok(LossTerm { config_name: spec.name.clone(), weight: spec.weight, formula, binding, key })
+}
+
+fn binding(spec: &LossSpec, p: &Node) -> Result<Binding> {
+    if let Some(pairs) = p.get("model_name_pairs") {
+        let mut out = vec![];
+        for item in pairs.items()? {
+            let names = item.items()?.iter().map(Node::as_str).collect::<Result<Vec<_>, _>>()?;
+            match names.as_slice() {
+                [a, b] => out.push((a.clone(), b.clone())),
+                _ => bail!("{}", item.error("each pair must be [model_a, model_b]")),
+            }
+        }
+        return Ok(Binding::Pairs(out));
+    }
+    if let Some(names) = p.str_list("model_names")? {
+        return Ok(Binding::Models(names));
+    }
+    if spec.name.starts_with("Distillation") {
+        bail!("{}", p.error(format!("{} needs model_names or model_name_pairs", spec.name)));
+    }
+    Ok(Binding::Plain)
+}
+
+/// The weighted sum of a config's losses.
+#[derive(Clone, Debug)]
+pub struct CombinedLoss {
+    pub terms: Vec<LossTerm>,
+}
+
+/// Named loss values of one batch; the total is named `loss`.
+pub struct LossValues<B: Backend> {
+    pub terms: Vec<(String, Tensor<B, 1>)>,
+    pub total: Tensor<B, 1>,
+}
+
+impl CombinedLoss {
+    pub fn new(specs: &[LossSpec]) -> Result<Self> {
+        if specs.is_empty() {
+            bail!("no losses configured (Loss.Train is empty)");
+        }
+        Ok(CombinedLoss { terms: specs.iter().map(build_term).collect::<Result<_>>()? })
+    }
+
+    /// Checks that every model a loss names exists.
+    pub fn check_models(&self, models: &[&str]) -> Result<()> {
+        for t in &self.terms {
+            let names: Vec<&String> = match &t.binding {
+                Binding::Plain => vec![],
+                Binding::Models(m) => m.iter().collect(),
+                Binding::Pairs(p) => p.iter().flat_map(|(a, b)| [a, b]).collect(),
+            };
+            for n in names {
+                if !models.contains(&n.as_str()) {
+                    bail!("loss {} refers to model {n:?}, but the models are: {}", t.config_name, models.join(", "));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of the logged terms, in order (for `check`).
+    pub fn term_names(&self) -> Vec<String> {
+        self.terms.iter().flat_map(|t| term_names(t)).chain(["loss".to_string()]).collect()
+    }
+
+    pub fn forward<B: Backend>(&self, ctx: &LossContext<B>) -> Result<LossValues<B>> {
+        // PaddleClas's CombinedLoss skips the weights when there is a single entry.
+        let apply_weights = self.terms.len() > 1;
+        let mut terms = vec![];
+        let mut total: Option<Tensor<B, 1>> = None;
+        for t in &self.terms {
+            for (name, value) in evaluate(t, ctx)? {
+                let weighted = if apply_weights { value.mul_scalar(t.weight) } else { value };
+                total = Some(match total {
+                    Some(s) => s.add(weighted.clone()),
+                    None => weighted.clone(),
+                });
+                terms.push((name, weighted));
+            }
+        }
+        Ok(LossValues { terms, total: total.expect("at least one term") })
+    }
+}
+
+fn suffix(formula: &Formula) -> &'static str {
+    match formula {
+        Formula::GtCe { .. } => "CELoss",
+        Formula::Kl { .. } => "loss_kldiv",
+        Formula::Dkd { .. } => "loss_dkd",
+    }
+}
+
+fn term_names(t: &LossTerm) -> Vec<String> {
+    let base = suffix(&t.formula);
+    match &t.binding {
+        Binding::Plain => vec![base.to_string()],
+        Binding::Models(ms) => ms.iter().map(|m| format!("{base}_{m}")).collect(),
+        Binding::Pairs(ps) => ps.iter().map(|(a, b)| format!("{base}_{a}_{b}")).collect(),
+    }
+}
+
+fn logits<'a, B: Backend>(ctx: &'a LossContext<B>, name: &str) -> Result<&'a ModelOutput<B>> {
+    ctx.outputs.get(name).ok_or_else(|| anyhow!("no output for model {name:?}"))
+}
+
+fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(String, Tensor<B, 1>)>> {
+    let names = term_names(t);
+    let values: Vec<Tensor<B, 1>> = match (&t.binding, &t.formula) {
+        (Binding::Plain, Formula::GtCe { epsilon }) => {
+            vec![functional::cross_entropy(logits(ctx, ctx.default_model)?.logits.clone(), ctx.labels.clone(), *epsilon)]
+        }
+        (Binding::Models(ms), Formula::GtCe { epsilon }) => ms
+            .iter()
+            .map(|m| Ok(functional::cross_entropy(logits(ctx, m)?.logits.clone(), ctx.labels.clone(), *epsilon)))
+            .collect::<Result<_>>()?,
+        (Binding::Pairs(ps), f) => ps
+            .iter()
+            .map(|(a, b)| {
+                let (s, tch) = (logits(ctx, a)?.logits.clone(), logits(ctx, b)?.logits.clone());
+                Ok(match f {
+                    Formula::Kl { temperature } => functional::kl_div(s, tch, *temperature),
+                    Formula::Dkd { temperature, alpha, beta, warmup } => {
+                        let v = functional::dkd(s, tch, ctx.labels.clone(), *temperature, *alpha, *beta);
+                        match warmup {
+                            Some(w) => v.mul_scalar((ctx.epoch as f64 / w).min(1.0)),
+                            None => v,
+                        }
+                    }
+                    Formula::GtCe { .. } => unreachable!("validated in build_term"),
+                })
+            })
+            .collect::<Result<_>>()?,
+        _ => unreachable!("bindings validated in build_term"),
+    };
+    Ok(names.into_iter().zip(values).collect())
+}

@@ -1,0 +1,54 @@
+//! Metrics: running top-k accuracy and averages of logged values.
+
+use std::collections::BTreeMap;
+
+/// Running averages of named values, weighted by batch size (PaddleClas's `AverageMeter`).
+#[derive(Clone, Debug, Default)]
+pub struct Averages {
+    sums: BTreeMap<String, (f64, usize)>,
+    order: Vec<String>,
+}
+
+impl Averages {
+    pub fn add(&mut self, name: &str, value: f64, n: usize) {
+        let e = self.sums.entry(name.to_string()).or_insert_with(|| {
+            self.order.push(name.to_string());
+            (0.0, 0)
+        });
+        e.0 += value * n as f64;
+        e.1 += n;
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.sums.get(name).filter(|(_, n)| *n > 0).map(|(s, n)| s / *n as f64)
+    }
+
+    /// `(name, average)` in insertion order.
+    pub fn items(&self) -> Vec<(String, f64)> {
+        self.order.iter().filter_map(|k| self.get(k).map(|v| (k.clone(), v))).collect()
+    }
+
+    /// Raw `(sum, count)` pairs, for reducing across ranks.
+    pub fn raw(&self) -> Vec<(String, f64, usize)> {
+        self.order.iter().map(|k| (k.clone(), self.sums[k].0, self.sums[k].1)).collect()
+    }
+
+    pub fn format(&self, decimals: usize) -> String {
+        self.items().iter().map(|(k, v)| format!("{k}: {v:.decimals$}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn averages_weight_by_count() {
+        let mut a = Averages::default();
+        a.add("top1", 1.0, 3);
+        a.add("top1", 0.0, 1);
+        a.add("loss", 2.0, 4);
+        assert_eq!(a.get("top1"), Some(0.75));
+        assert_eq!(a.format(2), "top1: 0.75, loss: 2.00");
+    }
+}
