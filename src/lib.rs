@@ -10,6 +10,7 @@ pub mod arch;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod engine;
 pub mod loss;
 pub mod metric;
 pub mod optim;

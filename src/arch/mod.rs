@@ -3,6 +3,7 @@
 
 pub mod layers;
 pub mod resnet;
+pub mod weights;
 
 use crate::config::{ArchConfig, ModelSpec};
 use anyhow::{anyhow, bail, Context, Result};
@@ -17,7 +18,7 @@ use std::path::Path;
 
 /// Backbone names the registry knows, as written in `Arch.name` / `Arch.models[i].<Key>.name`.
 pub const BACKBONES: &[&str] = &[
-    "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "resnet20", "resnet32", "resnet44", "resnet56",
+    "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
     "resnet110", "resnet8x4", "resnet32x4",
 ];
 

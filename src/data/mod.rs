@@ -1,6 +1,7 @@
 //! Data: the list-file dataset, transforms, the (distributed) batch sampler and the threaded loader.
 
 pub mod dataset;
+pub mod fashion_mnist;
 pub mod loader;
 pub mod sampler;
 pub mod transforms;

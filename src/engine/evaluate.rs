@@ -1,0 +1,143 @@
+//! Evaluation: every model forward with BatchNorm on running statistics, the eval losses and
+//! top-k metrics averaged over the (sharded, then reduced) eval set.
+
+use super::train::{add_topk, batch_tensors, load_initial_weights, loader_threads, metric_specs};
+use super::RunOptions;
+use crate::arch::DistillationModel;
+use crate::config::Config;
+use crate::data::{BatchSampler, ImageNetDataset, Loader};
+use crate::dist::Collective;
+use crate::loss::{CombinedLoss, LossContext};
+use crate::metric::Averages;
+use anyhow::{bail, Result};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
+use burn::module::Module;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The eval set, loaded once per run.
+pub struct EvalData {
+    loader: Loader,
+    batches: Vec<Vec<usize>>,
+}
+
+impl EvalData {
+    pub fn new(cfg: &Config, rank: usize, world: usize) -> Result<Self> {
+        let sec = cfg.eval_section()?;
+        let ds = ImageNetDataset::from_list(&sec.dataset.image_root, &sec.dataset.cls_label_path, sec.dataset.delimiter.as_deref())?;
+        let sampler = BatchSampler {
+            len: ds.len(),
+            batch_size: sec.sampler.batch_size,
+            shuffle: false,
+            drop_last: false,
+            seed: cfg.global.seed,
+            rank,
+            world,
+        };
+        let threads = loader_threads(cfg);
+        let transforms = crate::data::transforms::build(&sec.dataset.transforms)?;
+        Ok(EvalData {
+            loader: Loader { dataset: Arc::new(ds), transforms: Arc::new(transforms), threads, prefetch: threads * 2, seed: cfg.global.seed },
+            batches: sampler.batches(0),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EvalReport {
+    /// Top-1 of the first eval metric (the one `best_model` follows).
+    pub top1: f64,
+    pub averages: Averages,
+    pub samples: usize,
+}
+
+pub fn evaluate<B: AutodiffBackend>(
+    model: &DistillationModel<B>,
+    data: &EvalData,
+    cfg: &Config,
+    eval_loss: Option<&CombinedLoss>,
+    epoch: usize,
+    collective: &mut dyn Collective,
+) -> Result<EvalReport> {
+    let device = model.trainable.models[0].devices()[0].clone();
+    let valid = model.trainable.valid();
+    let specs = metric_specs(&cfg.eval_metric, &cfg.arch.infer_model_name);
+    let mut avg = Averages::default();
+    let iters = data.batches.len();
+    let mut tick = Instant::now();
+    let mut samples = 0;
+    let mut it = data.loader.epoch(data.batches.clone(), 0);
+    let mut i = 0;
+    while let Some(batch) = it.next() {
+        let batch = batch?;
+        let n = batch.labels.len();
+        let (x, y) = batch_tensors::<B::InnerBackend>(&batch, &device);
+        let outputs = model.forward_eval(&valid, x);
+        if let Some(l) = eval_loss {
+            let values = l.forward(&LossContext { outputs: &outputs, labels: y.clone(), epoch, default_model: &cfg.arch.infer_model_name })?;
+            for (name, v) in &values.terms {
+                avg.add(name, v.clone().into_scalar().elem::<f32>() as f64, n);
+            }
+            avg.add("loss", values.total.into_scalar().elem::<f32>() as f64, n);
+        }
+        add_topk(&mut avg, &outputs, &y, &specs)?;
+        samples += n;
+        if collective.is_main() && (i % cfg.global.print_batch_step == 0) {
+            let bc = tick.elapsed().as_secs_f64();
+            tracing::info!(
+                "[Eval][Epoch {epoch}][Iter: {i}/{iters}]{}, batch_cost: {bc:.5}s, reader_cost: {:.5}s, ips: {:.5} samples/s",
+                avg.format(5),
+                it.last_wait.as_secs_f64(),
+                n as f64 / bc.max(1e-9)
+            );
+        }
+        tick = Instant::now();
+        i += 1;
+    }
+    let avg = reduce(avg, collective)?;
+    if collective.is_main() {
+        tracing::info!("[Eval][Epoch {epoch}][Avg]{}", avg.format(5));
+    }
+    let top1 = avg.get("top1").unwrap_or(0.0);
+    Ok(EvalReport { top1, averages: avg, samples })
+}
+
+/// Sums every average's `(sum, count)` across ranks so all print the global value.
+fn reduce(avg: Averages, collective: &mut dyn Collective) -> Result<Averages> {
+    if collective.world_size() == 1 {
+        return Ok(avg);
+    }
+    let raw = avg.raw();
+    let mut buf: Vec<f32> = raw.iter().flat_map(|(_, s, n)| [*s as f32, *n as f32]).collect();
+    collective.all_reduce_sum(&mut buf)?;
+    let mut out = Averages::default();
+    for ((name, _, _), pair) in raw.iter().zip(buf.chunks(2)) {
+        if pair[1] > 0.0 {
+            out.add(name, pair[0] as f64 / pair[1] as f64, pair[1] as usize);
+        }
+    }
+    Ok(out)
+}
+
+/// `kd-launch eval`: load the weights in `Global.pretrained_model` (or `Global.checkpoints`) and evaluate.
+pub fn eval_command<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunOptions) -> Result<EvalReport> {
+    let g = &cfg.global;
+    B::seed(&device, g.seed);
+    let mut model = DistillationModel::<B>::new(&cfg.arch, false, &device)?;
+    match (&g.pretrained_model, &g.checkpoints) {
+        (None, None) => bail!(
+            "{}: eval needs weights: -o Global.pretrained_model=<output_dir>/<arch>/best_model",
+            cfg.file.display()
+        ),
+        (Some(_), _) => load_initial_weights(cfg, &mut model, &device)?,
+        (None, Some(dir)) => model.load_all(dir, &device)?,
+    }
+    let eval_loss = (!cfg.eval_loss.is_empty()).then(|| CombinedLoss::new(&cfg.eval_loss)).transpose()?;
+    let data = EvalData::new(cfg, opts.collective.rank(), opts.collective.world_size())?;
+    let epoch = super::checkpoint::TrainState::read(g.pretrained_model.as_ref().or(g.checkpoints.as_ref()).expect("checked above"))
+        .map(|s| s.epoch)
+        .unwrap_or(0);
+    evaluate(&model, &data, cfg, eval_loss.as_ref(), epoch, opts.collective.as_mut())
+}

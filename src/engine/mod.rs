@@ -1,0 +1,204 @@
+//! The engine: commands a worker runs (check, train, eval, infer, export), generic over burn's
+//! backends and chosen at run time from `Global.device`.
+
+pub mod checkpoint;
+pub mod evaluate;
+pub mod export;
+pub mod infer;
+pub mod train;
+
+use crate::config::{Config, DeviceKind};
+use crate::dist::Collective;
+use anyhow::{bail, Result};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+pub use evaluate::EvalReport;
+pub use infer::{InferResult, InferSource};
+pub use train::TrainSummary;
+
+/// What a worker is told besides the config.
+pub struct RunOptions {
+    /// Set (e.g. by a signal handler) to stop training after the current step, saving `latest`.
+    pub stop: Arc<AtomicBool>,
+    /// Other workers (single-process: a no-op).
+    pub collective: Box<dyn Collective>,
+    /// Draw a progress bar (when stdout is a terminal).
+    pub progress: bool,
+    /// The device index on the machine (GPU ordinal; ignored on CPU).
+    pub local_device: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            stop: Arc::new(AtomicBool::new(false)),
+            collective: Box::new(crate::dist::SingleProcess),
+            progress: false,
+            local_device: 0,
+        }
+    }
+}
+
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
+
+/// Runs `$body` with `$B` bound to the autodiff backend of `Global.device` and `$dev` to its device.
+#[macro_export]
+macro_rules! with_backend {
+    ($cfg:expr, $opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
+        match $cfg.global.device {
+            $crate::config::DeviceKind::Cpu => {
+                type $B = $crate::engine::CpuBackend;
+                let $dev = Default::default();
+                $body
+            }
+            $crate::config::DeviceKind::Gpu => $crate::gpu_unavailable_or!($opts, |$B, $dev| $body),
+        }
+    }};
+}
+
+#[cfg(feature = "cuda")]
+#[macro_export]
+#[doc(hidden)]
+macro_rules! gpu_unavailable_or {
+    ($opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
+        type $B = $crate::engine::CudaBackend;
+        let $dev = $crate::burn::backend::cuda::CudaDevice::new($opts.local_device);
+        $body
+    }};
+}
+
+#[cfg(not(feature = "cuda"))]
+#[macro_export]
+#[doc(hidden)]
+macro_rules! gpu_unavailable_or {
+    ($opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
+        let _ = &$opts;
+        Err(anyhow::anyhow!(
+            "Global.device is gpu, but this kd-launch was built without GPU support: rebuild with \
+             `cargo build --release --features cuda`, or run on the CPU with `-o Global.device=cpu`"
+        ))
+    }};
+}
+
+/// `kd-launch train` on the device `Global.device` names.
+pub fn run_train(cfg: &Config, opts: RunOptions) -> Result<TrainSummary> {
+    crate::with_backend!(cfg, opts, |B, dev| train::train::<B>(cfg, dev, opts))
+}
+
+/// `kd-launch eval`.
+pub fn run_eval(cfg: &Config, opts: RunOptions) -> Result<EvalReport> {
+    crate::with_backend!(cfg, opts, |B, dev| evaluate::eval_command::<B>(cfg, dev, opts))
+}
+
+/// `kd-launch export`; returns the export directory.
+pub fn run_export(cfg: &Config, opts: RunOptions) -> Result<std::path::PathBuf> {
+    crate::with_backend!(cfg, opts, |B, dev| export::export::<B>(cfg, dev))
+}
+
+/// `kd-launch infer`: from an export (CPU) or from a config (its device).
+pub fn run_infer(source: InferSource, images: Option<&std::path::Path>, opts: RunOptions) -> Result<Vec<InferResult>> {
+    match source {
+        InferSource::Export(_) => infer::infer::<CpuBackend>(source, images, Default::default()),
+        InferSource::Config(cfg) => crate::with_backend!(cfg, opts, |B, dev| infer::infer::<B>(InferSource::Config(cfg), images, dev)),
+    }
+}
+
+/// Sets the CPU thread pool size once (compute threads for the flex backend).
+pub fn init_cpu_threads(threads: Option<usize>) {
+    let n = threads
+        .or_else(|| std::env::var("KD_THREADS").ok().and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    // Fails only if the pool was already built, which is fine.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+}
+
+/// `kd-launch check`: validate, build the models and losses, and describe them.
+pub fn check(cfg: &Config) -> Result<String> {
+    let mut out = vec![];
+    if cfg.global.device == DeviceKind::Gpu && !cfg!(feature = "cuda") {
+        out.push("warning: Global.device is gpu but this build has no GPU support (use -o Global.device=cpu)".to_string());
+    }
+    let model = crate::arch::DistillationModel::<CpuBackend>::new(&cfg.arch, cfg.global.frozen_bn_uses_batch_stats, &Default::default())?;
+    out.push(format!("config: {}", cfg.file.display()));
+    for slot in &model.slots {
+        let params = if slot.spec.frozen {
+            model.frozen[slot.index].num_trainable_params()
+        } else {
+            model.trainable.models[slot.index].num_trainable_params()
+        };
+        let mut line = format!(
+            "model {}: {} ({} classes), {:.3}M parameters, {}",
+            slot.key,
+            slot.spec.name,
+            slot.spec.class_num,
+            params as f64 / 1e6,
+            if slot.spec.frozen { "frozen" } else { "trainable" }
+        );
+        if !slot.spec.return_patterns.is_empty() {
+            line.push_str(&format!(", features {}", slot.spec.return_patterns.join(" ")));
+        }
+        out.push(line);
+        match &slot.spec.pretrained {
+            crate::config::Pretrained::None => {}
+            crate::config::Pretrained::Released => out.push(format!(
+                "warning: model {}: `pretrained: True` asks for the publisher's released weights, which this build \
+                 cannot load yet; `train` will refuse. Give a path to a kd-launch checkpoint instead",
+                slot.key
+            )),
+            crate::config::Pretrained::Path(p) => match checkpoint::resolve_model_file(p, &slot.key) {
+                Ok(f) => out.push(format!("model {}: pretrained weights {}", slot.key, f.display())),
+                Err(e) => out.push(format!("warning: model {}: {e:#}", slot.key)),
+            },
+        }
+    }
+    out.push(format!("infer model: {}", cfg.arch.infer_model_name));
+    let loss = crate::loss::CombinedLoss::new(&cfg.train_loss)?;
+    loss.check_models(&model.slots.iter().map(|s| s.key.as_str()).collect::<Vec<_>>())?;
+    out.push(format!("train loss terms: {}", loss.term_names().join(", ")));
+    if !cfg.eval_loss.is_empty() {
+        out.push(format!("eval loss terms: {}", crate::loss::CombinedLoss::new(&cfg.eval_loss)?.term_names().join(", ")));
+    }
+    if let Some(o) = &cfg.optimizer {
+        crate::optim::sgd_config(o)?;
+        crate::optim::LrSchedule::new(&o.lr, cfg.global.epochs, 1)?;
+        out.push(format!(
+            "optimizer: {} (momentum {}, weight decay {}), lr {} {} over {} epochs",
+            o.name, o.momentum, o.weight_decay, o.lr.name, o.lr.learning_rate, cfg.global.epochs
+        ));
+    }
+    for (name, sec) in [("Train", &cfg.train_data), ("Eval", &cfg.eval_data)] {
+        if let Some(sec) = sec {
+            crate::data::transforms::build(&sec.dataset.transforms)?;
+            let list = &sec.dataset.cls_label_path;
+            let state = if list.is_file() { "found" } else { "not found here" };
+            out.push(format!("data {name}: {} ({state}), batch {}", list.display(), sec.sampler.batch_size));
+        }
+    }
+    if let Some(inf) = &cfg.infer {
+        crate::data::transforms::build(&inf.transforms)?;
+    }
+    for w in &cfg.warnings {
+        out.push(format!("warning: {w}"));
+    }
+    Ok(out.join("\n"))
+}
+
+/// Fails unless `cfg` can train (as opposed to `check`, which only warns).
+pub(crate) fn require_trainable_weights(cfg: &Config) -> Result<()> {
+    for m in &cfg.arch.models {
+        if m.pretrained == crate::config::Pretrained::Released {
+            bail!(
+                "{}: Arch model {}: `pretrained: True` needs the publisher's released weights, which kd-launch cannot \
+                 load yet; set `pretrained:` to a kd-launch checkpoint directory or .mpk file \
+                 (e.g. -o Arch.models.0.{}.pretrained=output/<arch>/best_model)",
+                cfg.file.display(),
+                m.key,
+                m.key
+            );
+        }
+    }
+    Ok(())
+}

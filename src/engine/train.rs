@@ -1,0 +1,324 @@
+//! Training: the step (frozen teacher forward off the graph, student forward/backward, combined
+//! loss, optimizer step on the per-iteration schedule), logging in PaddleClas's shape, eval every
+//! `eval_interval` epochs, and `latest` / `best_model` / `epoch_N` checkpoints.
+
+use super::checkpoint::{self, TrainState, OPTIMIZER_FILE};
+use super::evaluate::{evaluate, EvalData};
+use super::RunOptions;
+use crate::arch::{recorder, DistillationModel, TrainableSet};
+use crate::config::{Config, MetricSpec, Pretrained};
+use crate::data::{BatchSampler, ImageNetDataset, Loader};
+use crate::loss::{CombinedLoss, LossContext};
+use crate::metric::Averages;
+use crate::optim::{sgd_config, LrSchedule};
+use anyhow::{bail, Context, Result};
+use burn::tensor::ElementConversion;
+use burn::optim::{GradientsParams, Optimizer};
+use burn::record::Recorder;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a finished (or stopped) training run leaves behind.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub state: TrainState,
+    pub output_dir: PathBuf,
+    pub last_eval_top1: Option<f64>,
+    pub stopped_early: bool,
+    pub images_per_second: f64,
+}
+
+pub(crate) fn batch_tensors<B: Backend>(batch: &crate::data::Batch, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+    let x = Tensor::<B, 4>::from_data(TensorData::new(batch.images.clone(), batch.shape), device);
+    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(batch.labels.clone(), [batch.labels.len()]), device);
+    (x, y)
+}
+
+/// Threads for decoding and augmentation: the configured count, capped by the machine.
+pub(crate) fn loader_threads(cfg: &Config) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    cfg.global.threads.unwrap_or(cores).clamp(1, cores.max(1))
+}
+
+/// Metric specs, defaulting to top-1/top-5 of the inference model.
+pub(crate) fn metric_specs(specs: &[MetricSpec], infer_model: &str) -> Vec<(String, Vec<usize>)> {
+    if specs.is_empty() {
+        return vec![(infer_model.to_string(), vec![1, 5])];
+    }
+    specs.iter().map(|m| (m.model_key.clone().unwrap_or_else(|| infer_model.to_string()), m.topk.clone())).collect()
+}
+
+/// Adds top-k accuracies of `logits` to `avg`; the first metric's names are `top{k}`, later ones
+/// are prefixed with their model (`Teacher_top1`).
+pub(crate) fn add_topk<B: Backend>(
+    avg: &mut Averages,
+    outputs: &crate::arch::Outputs<B>,
+    labels: &Tensor<B, 1, Int>,
+    specs: &[(String, Vec<usize>)],
+) -> Result<()> {
+    for (i, (model, ks)) in specs.iter().enumerate() {
+        let out = outputs.get(model).with_context(|| format!("Metric: no model named {model:?}"))?;
+        let n = labels.dims()[0];
+        let correct = crate::loss::functional::topk_correct(out.logits.clone(), labels.clone(), ks);
+        for (k, c) in ks.iter().zip(correct) {
+            let name = if i == 0 { format!("top{k}") } else { format!("{model}_top{k}") };
+            avg.add(&name, c as f64 / n as f64, n);
+        }
+    }
+    Ok(())
+}
+
+fn fmt_eta(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::Sgd<<B as AutodiffBackend>::InnerBackend>, TrainableSet<B>, B>;
+
+/// Loads per-model `pretrained` paths and `Global.pretrained_model`.
+pub(crate) fn load_initial_weights<B: AutodiffBackend>(cfg: &Config, model: &mut DistillationModel<B>, device: &B::Device) -> Result<()> {
+    if let Some(dir) = &cfg.global.pretrained_model {
+        model.load_all(dir, device).with_context(|| format!("Global.pretrained_model = {}", dir.display()))?;
+        tracing::info!("initialised all models from {}", dir.display());
+    }
+    for spec in &cfg.arch.models {
+        if let Pretrained::Path(p) = &spec.pretrained {
+            let file = checkpoint::resolve_model_file(p, &spec.key).with_context(|| format!("Arch model {}: pretrained", spec.key))?;
+            model.load_model(&spec.key, &file, device)?;
+            tracing::info!("model {}: loaded pretrained weights {}", spec.key, file.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunOptions) -> Result<TrainSummary> {
+    super::require_trainable_weights(cfg)?;
+    let g = &cfg.global;
+    let rank = opts.collective.rank();
+    let world = opts.collective.world_size();
+    B::seed(&device, g.seed);
+    let mut model = DistillationModel::<B>::new(&cfg.arch, g.frozen_bn_uses_batch_stats, &device)?;
+    let keys: Vec<String> = model.slots.iter().map(|s| s.key.clone()).collect();
+    let loss = CombinedLoss::new(&cfg.train_loss)?;
+    loss.check_models(&keys.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let eval_loss = (!cfg.eval_loss.is_empty()).then(|| CombinedLoss::new(&cfg.eval_loss)).transpose()?;
+    load_initial_weights(cfg, &mut model, &device)?;
+
+    let section = cfg.train_section()?;
+    let ds = ImageNetDataset::from_list(&section.dataset.image_root, &section.dataset.cls_label_path, section.dataset.delimiter.as_deref())?;
+    check_labels(&ds, cfg, &section.dataset.cls_label_path)?;
+    let transforms = crate::data::transforms::build(&section.dataset.transforms)?;
+    let sampler = BatchSampler {
+        len: ds.len(),
+        batch_size: section.sampler.batch_size,
+        shuffle: section.sampler.shuffle,
+        drop_last: section.sampler.drop_last,
+        seed: g.seed,
+        rank,
+        world,
+    };
+    let iters = sampler.num_batches();
+    if iters == 0 {
+        bail!("{}: DataLoader.Train yields no batch ({} samples, batch_size {}, drop_last)", cfg.file.display(), ds.len(), sampler.batch_size);
+    }
+    let threads = loader_threads(cfg);
+    let loader = Loader { dataset: Arc::new(ds), transforms: Arc::new(transforms), threads, prefetch: threads * 2, seed: g.seed };
+    let eval_data = if g.eval_during_train { cfg.eval_data.as_ref().map(|_| EvalData::new(cfg, rank, world)).transpose()? } else { None };
+
+    let opt_cfg = cfg.optimizer()?;
+    let schedule = LrSchedule::new(&opt_cfg.lr, g.epochs, iters)?;
+    let mut optim: Optim<B> = sgd_config(opt_cfg)?.init();
+
+    let arch_dir = g.output_dir.join(&cfg.arch.name);
+    let mut state = TrainState {
+        models: keys.clone(),
+        infer_model_name: cfg.arch.infer_model_name.clone(),
+        arch: cfg.arch.name.clone(),
+        ..Default::default()
+    };
+    if let Some(ckpt) = &g.checkpoints {
+        state = resume(&mut model, &mut optim, ckpt, &device)?;
+        tracing::info!(
+            "resumed from {}: {} epochs and {} batches done, best top1 {:.5} (epoch {})",
+            ckpt.display(),
+            state.epoch,
+            state.step_in_epoch,
+            state.best_top1,
+            state.best_epoch
+        );
+    }
+    let train_metrics = metric_specs(&cfg.train_metric, &cfg.arch.infer_model_name);
+    let progress = opts.progress.then(|| indicatif::ProgressBar::new(iters as u64));
+    let main = opts.collective.is_main();
+    let mut last_eval_top1 = None;
+    let mut stopped = false;
+    let mut images = 0usize;
+    let mut compute = Duration::ZERO;
+    let run_start = Instant::now();
+
+    'epochs: for epoch in state.epoch + 1..=g.epochs {
+        let skip = std::mem::take(&mut state.step_in_epoch);
+        let batches: Vec<Vec<usize>> = sampler.batches(epoch - 1).into_iter().skip(skip).collect();
+        let mut avg = Averages::default();
+        let mut timing = Averages::default();
+        let mut tick = Instant::now();
+        if let Some(pb) = &progress {
+            pb.set_position(skip as u64);
+            pb.set_message(format!("epoch {epoch}/{}", g.epochs));
+        }
+        let mut it = loader.epoch(batches, epoch);
+        let mut i = skip;
+        while let Some(batch) = it.next() {
+            let batch = batch?;
+            let reader = it.last_wait;
+            let step_start = Instant::now();
+            let n = batch.labels.len();
+            let (x, y) = batch_tensors::<B>(&batch, &device);
+            let outputs = model.forward_train(x);
+            let values = loss.forward(&LossContext { outputs: &outputs, labels: y.clone(), epoch, default_model: &cfg.arch.infer_model_name })?;
+            let total: f32 = values.total.clone().into_scalar().elem();
+            if !total.is_finite() {
+                bail!("loss is {total} at epoch {epoch}, iteration {i}: training diverged (lower the learning rate?)");
+            }
+            let grads = GradientsParams::from_grads(values.total.backward(), &model.trainable);
+            let lr = schedule.at(state.global_step, epoch - 1);
+            model.trainable = optim.step(lr, model.trainable, grads);
+            add_topk(&mut avg, &outputs, &y, &train_metrics)?;
+            for (name, v) in &values.terms {
+                avg.add(name, v.clone().into_scalar().elem::<f32>() as f64, n);
+            }
+            avg.add("loss", total as f64, n);
+            state.global_step += 1;
+            i += 1;
+            images += n;
+            let now = Instant::now();
+            compute += now - step_start;
+            timing.add("batch_cost", (now - tick).as_secs_f64(), 1);
+            timing.add("reader_cost", reader.as_secs_f64(), 1);
+            tick = now;
+            if let Some(pb) = &progress {
+                pb.set_position(i as u64);
+            }
+            if main && (i % g.print_batch_step == 0 || i == iters) {
+                let bc = timing.get("batch_cost").unwrap_or(0.0);
+                let left = (g.epochs - epoch) * iters + (iters - i);
+                tracing::info!(
+                    "[Train][Epoch {epoch}/{}][Iter: {}/{iters}]lr({}): {lr:.8}, {}, batch_cost: {bc:.5}s, reader_cost: {:.5}s, ips: {:.5} samples/s, eta: {}",
+                    g.epochs,
+                    i - 1,
+                    opt_cfg.lr.name,
+                    avg.format(5),
+                    timing.get("reader_cost").unwrap_or(0.0),
+                    n as f64 / bc.max(1e-9),
+                    fmt_eta(bc * left as f64)
+                );
+            }
+            if opts.stop.load(Ordering::SeqCst) {
+                if i < iters {
+                    state.epoch = epoch - 1;
+                    state.step_in_epoch = i;
+                } else {
+                    state.epoch = epoch;
+                }
+                stopped = true;
+                drop(it);
+                if main {
+                    save(&model, &optim, cfg, &state, &checkpoint::checkpoint_dir(&g.output_dir, &cfg.arch.name, "latest"))?;
+                    tracing::info!("stopped on request after epoch {epoch} iteration {i}; resumable checkpoint saved in {}/latest", arch_dir.display());
+                }
+                break 'epochs;
+            }
+        }
+        drop(it);
+        state.epoch = epoch;
+        if main {
+            tracing::info!("[Train][Epoch {epoch}/{}][Avg]{}", g.epochs, avg.format(5));
+        }
+        let eval_now = epoch % g.eval_interval == 0 && epoch > g.start_eval_epoch || epoch == g.epochs;
+        let mut improved = false;
+        if let (Some(data), true) = (&eval_data, eval_now) {
+            let report = evaluate(&model, data, cfg, eval_loss.as_ref(), epoch, opts.collective.as_mut())?;
+            last_eval_top1 = Some(report.top1);
+            if report.top1 > state.best_top1 || state.best_epoch == 0 {
+                state.best_top1 = report.top1;
+                state.best_epoch = epoch;
+                improved = true;
+            }
+            if main {
+                tracing::info!("[Eval][Epoch {epoch}][best metric: {:.5}]", state.best_top1);
+            }
+        }
+        if main {
+            let dir = |name: &str| checkpoint::checkpoint_dir(&g.output_dir, &cfg.arch.name, name);
+            save(&model, &optim, cfg, &state, &dir("latest"))?;
+            if improved {
+                save(&model, &optim, cfg, &state, &dir("best_model"))?;
+                tracing::info!("[Eval][Epoch {epoch}] new best top1 {:.5}: saved {}", state.best_top1, dir("best_model").display());
+            }
+            if epoch % g.save_interval == 0 {
+                save(&model, &optim, cfg, &state, &dir(&format!("epoch_{epoch}")))?;
+            }
+        }
+        opts.collective.barrier()?;
+    }
+    if let Some(pb) = progress {
+        pb.finish_and_clear();
+    }
+    let wall = run_start.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        state,
+        output_dir: arch_dir,
+        last_eval_top1,
+        stopped_early: stopped,
+        images_per_second: if compute.is_zero() { 0.0 } else { images as f64 / wall.max(1e-9) },
+    })
+}
+
+fn check_labels(ds: &ImageNetDataset, cfg: &Config, list: &Path) -> Result<()> {
+    let classes = ds.num_classes();
+    for m in &cfg.arch.models {
+        if classes > m.class_num {
+            bail!(
+                "{} has label {} but model {} has class_num {} (set Arch.class_num)",
+                list.display(),
+                classes - 1,
+                m.key,
+                m.class_num
+            );
+        }
+    }
+    Ok(())
+}
+
+fn save<B: AutodiffBackend>(model: &DistillationModel<B>, optim: &Optim<B>, cfg: &Config, state: &TrainState, dir: &Path) -> Result<()> {
+    checkpoint::write_atomic(dir, |tmp| {
+        model.save(tmp)?;
+        recorder().record(optim.to_record(), tmp.join(OPTIMIZER_FILE)).context("saving optimizer state")?;
+        std::fs::write(tmp.join(checkpoint::STATE_FILE), serde_json::to_string_pretty(state)?)?;
+        std::fs::write(tmp.join("config.yaml"), serde_yaml::to_string(&cfg.tree)?)?;
+        Ok(())
+    })
+}
+
+fn resume<B: AutodiffBackend>(model: &mut DistillationModel<B>, optim: &mut Optim<B>, dir: &Path, device: &B::Device) -> Result<TrainState> {
+    let state = TrainState::read(dir)?;
+    let keys: Vec<&String> = model.slots.iter().map(|s| &s.key).collect();
+    if state.models.iter().collect::<Vec<_>>() != keys {
+        bail!("checkpoint {} holds models {:?}, but the config has {:?}", dir.display(), state.models, keys);
+    }
+    model.load_all(dir, device)?;
+    let file = dir.join(OPTIMIZER_FILE);
+    let record = recorder().load(file.clone(), device).with_context(|| format!("loading optimizer state {}.mpk", file.display()))?;
+    let fresh: Optim<B> = std::mem::replace(optim, sgd_config_placeholder());
+    *optim = fresh.load_record(record);
+    Ok(state)
+}
+
+// `load_record` consumes the optimizer; this stands in for the moment it is moved out.
+fn sgd_config_placeholder<B: AutodiffBackend>() -> Optim<B> {
+    burn::optim::SgdConfig::new().init()
+}
