@@ -20,21 +20,34 @@ impl Averages {
     }
 
     pub fn get(&self, name: &str) -> Option<f64> {
-        self.sums.get(name).filter(|(_, n)| *n > 0).map(|(s, n)| s / *n as f64)
+        self.sums
+            .get(name)
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| s / *n as f64)
     }
 
     /// `(name, average)` in insertion order.
     pub fn items(&self) -> Vec<(String, f64)> {
-        self.order.iter().filter_map(|k| self.get(k).map(|v| (k.clone(), v))).collect()
+        self.order
+            .iter()
+            .filter_map(|k| self.get(k).map(|v| (k.clone(), v)))
+            .collect()
     }
 
     /// Raw `(sum, count)` pairs, for reducing across ranks.
     pub fn raw(&self) -> Vec<(String, f64, usize)> {
-        self.order.iter().map(|k| (k.clone(), self.sums[k].0, self.sums[k].1)).collect()
+        self.order
+            .iter()
+            .map(|k| (k.clone(), self.sums[k].0, self.sums[k].1))
+            .collect()
     }
 
     pub fn format(&self, decimals: usize) -> String {
-        self.items().iter().map(|(k, v)| format!("{k}: {v:.decimals$}")).collect::<Vec<_>>().join(", ")
+        self.items()
+            .iter()
+            .map(|(k, v)| format!("{k}: {v:.decimals$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

@@ -12,7 +12,6 @@
 //! so no loosening is needed.
 
 use kd_engine::burn::backend::{Autodiff, Flex};
-use kd_engine::burn::tensor::backend::Backend;
 use kd_engine::burn::tensor::{Int, Tensor, TensorData};
 use kd_engine::loss::functional::{cross_entropy, dkd, kl_div};
 use serde::Deserialize;
@@ -55,18 +54,28 @@ struct Params {
 fn cases(loss: &str) -> Vec<Case> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/loss_fixtures.json");
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    let fixtures: Fixtures = serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {path}: {e}"));
-    let cases: Vec<Case> = fixtures.cases.into_iter().filter(|c| c.loss == loss).collect();
+    let fixtures: Fixtures =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {path}: {e}"));
+    let cases: Vec<Case> = fixtures
+        .cases
+        .into_iter()
+        .filter(|c| c.loss == loss)
+        .collect();
     assert!(!cases.is_empty(), "no '{loss}' cases in {path}");
     cases
 }
 
-fn device() -> <B as Backend>::Device {
+fn device() -> kd_engine::burn::backend::flex::FlexDevice {
     Default::default()
 }
 
 fn logits(case: &Case, values: &[f64]) -> Tensor<B, 2> {
-    assert_eq!(values.len(), case.n * case.c, "{}: logits length", case.name);
+    assert_eq!(
+        values.len(),
+        case.n * case.c,
+        "{}: logits length",
+        case.name
+    );
     let data: Vec<f32> = values.iter().map(|&v| v as f32).collect();
     Tensor::<B, 2>::from_data(TensorData::new(data, [case.n, case.c]), &device())
 }
@@ -77,7 +86,10 @@ fn student(case: &Case) -> Tensor<B, 2> {
 
 /// The teacher's logits: constants, no gradient.
 fn teacher(case: &Case) -> Tensor<B, 2> {
-    let values = case.teacher.as_ref().unwrap_or_else(|| panic!("{}: no teacher logits", case.name));
+    let values = case
+        .teacher
+        .as_ref()
+        .unwrap_or_else(|| panic!("{}: no teacher logits", case.name));
     logits(case, values)
 }
 
@@ -92,7 +104,12 @@ fn param(case: &Case, value: Option<f64>, what: &str) -> f64 {
 
 /// Compares the loss value and `d loss / d student` against the reference.
 fn check(case: &Case, student: &Tensor<B, 2>, loss: Tensor<B, 1>) {
-    let value = loss.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let value = loss
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
     assert_eq!(value.len(), 1, "{}: loss is not a scalar", case.name);
     let value = value[0] as f64;
     let tol = VALUE_TOL * case.value.abs().max(1.0);
@@ -106,9 +123,16 @@ fn check(case: &Case, student: &Tensor<B, 2>, loss: Tensor<B, 1>) {
     );
 
     let grads = loss.backward();
-    let grad = student.grad(&grads).unwrap_or_else(|| panic!("{}: no gradient for the student logits", case.name));
+    let grad = student
+        .grad(&grads)
+        .unwrap_or_else(|| panic!("{}: no gradient for the student logits", case.name));
     let grad = grad.into_data().convert::<f32>().to_vec::<f32>().unwrap();
-    assert_eq!(grad.len(), case.grad_student.len(), "{}: gradient length", case.name);
+    assert_eq!(
+        grad.len(),
+        case.grad_student.len(),
+        "{}: gradient length",
+        case.name
+    );
     for (i, (&g, &r)) in grad.iter().zip(&case.grad_student).enumerate() {
         let g = g as f64;
         assert!(

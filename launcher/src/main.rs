@@ -11,7 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser, Debug)]
-#[command(name = "kd-launch", version, about = "Knowledge distillation for image classifiers (PaddleClas-compatible configs)")]
+#[command(
+    name = "kd-launch",
+    version,
+    about = "Knowledge distillation for image classifiers (PaddleClas-compatible configs)"
+)]
 struct Cli {
     /// GPU ids to use, e.g. `0` (one id: a single worker in this process, the debugging mode).
     #[arg(long, global = true)]
@@ -104,7 +108,11 @@ fn placement(cli: &Cli) -> Result<(Option<&'static str>, usize)> {
             let ids: Vec<usize> = list
                 .split(',')
                 .filter(|s| !s.trim().is_empty())
-                .map(|s| s.trim().parse().with_context(|| format!("--gpus {list:?}: {s:?} is not a GPU id")))
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .with_context(|| format!("--gpus {list:?}: {s:?} is not a GPU id"))
+                })
                 .collect::<Result<_>>()?;
             match ids.as_slice() {
                 [] => Ok((None, 0)),
@@ -117,8 +125,12 @@ fn placement(cli: &Cli) -> Result<(Option<&'static str>, usize)> {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
@@ -176,9 +188,18 @@ fn run() -> Result<()> {
         Command::Export(a) => {
             let cfg = load(a, device_override)?;
             let dir = engine::run_export(&cfg, opts())?;
-            println!("exported model {} to {}", cfg.arch.infer_model_name, dir.display());
+            println!(
+                "exported model {} to {}",
+                cfg.arch.infer_model_name,
+                dir.display()
+            );
         }
-        Command::Infer { config, overrides, model, images } => {
+        Command::Infer {
+            config,
+            overrides,
+            model,
+            images,
+        } => {
             engine::init_cpu_threads(cli.threads);
             let results = match (config, model) {
                 (_, Some(dir)) => {
@@ -188,7 +209,13 @@ fn run() -> Result<()> {
                     engine::run_infer(InferSource::Export(dir), images.as_deref(), opts())?
                 }
                 (Some(c), None) => {
-                    let cfg = load(&ConfigArgs { config: c.clone(), overrides: overrides.clone() }, device_override)?;
+                    let cfg = load(
+                        &ConfigArgs {
+                            config: c.clone(),
+                            overrides: overrides.clone(),
+                        },
+                        device_override,
+                    )?;
                     engine::run_infer(InferSource::Config(&cfg), images.as_deref(), opts())?
                 }
                 (None, None) => bail!("infer needs --model <export dir> or -c <config>"),
@@ -197,9 +224,21 @@ fn run() -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             }
         }
-        Command::Dataset { which: DatasetCommand::FashionMnist { out, source, train_count, val_count } } => {
-            let (t, v) = kd_engine::data::fashion_mnist::convert(source, out, *train_count, *val_count)?;
-            println!("wrote {t} training and {v} validation images with list files to {}", out.display());
+        Command::Dataset {
+            which:
+                DatasetCommand::FashionMnist {
+                    out,
+                    source,
+                    train_count,
+                    val_count,
+                },
+        } => {
+            let (t, v) =
+                kd_engine::data::fashion_mnist::convert(source, out, *train_count, *val_count)?;
+            println!(
+                "wrote {t} training and {v} validation images with list files to {}",
+                out.display()
+            );
         }
     }
     Ok(())

@@ -18,8 +18,20 @@ use std::path::Path;
 
 /// Backbone names the registry knows, as written in `Arch.name` / `Arch.models[i].<Key>.name`.
 pub const BACKBONES: &[&str] = &[
-    "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
-    "resnet110", "resnet8x4", "resnet32x4",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "ResNet101",
+    "ResNet152",
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
 ];
 
 fn resnet_kind(name: &str) -> Option<ResNetKind> {
@@ -47,12 +59,22 @@ impl<B: Backend> Backbone<B> {
             .contains(&spec.name.as_str())
             .then(|| resnet_kind(&spec.name))
             .flatten()
-            .ok_or_else(|| err(format!("unknown backbone {:?}; known backbones: {}", spec.name, BACKBONES.join(", "))))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "unknown backbone {:?}; known backbones: {}",
+                    spec.name,
+                    BACKBONES.join(", ")
+                ))
+            })?;
         let stem = spec.params.str_or("stem", "imagenet")?;
         let cifar_stem = match stem.as_str() {
             "imagenet" => false,
             "cifar" => true,
-            other => return Err(err(format!("stem must be imagenet or cifar, got {other:?}"))),
+            other => {
+                return Err(err(format!(
+                    "stem must be imagenet or cifar, got {other:?}"
+                )))
+            }
         };
         if spec.class_num == 0 {
             return Err(err("class_num must be at least 1".into()));
@@ -75,7 +97,10 @@ impl<B: Backend> Backbone<B> {
         match self {
             Backbone::ResNet(r) => {
                 let (logits, feats) = r.forward(x, mode, taps);
-                ModelOutput { logits, features: feats }
+                ModelOutput {
+                    logits,
+                    features: feats,
+                }
             }
         }
     }
@@ -173,7 +198,11 @@ pub(crate) fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
 }
 
 impl<B: AutodiffBackend> DistillationModel<B> {
-    pub fn new(arch: &ArchConfig, frozen_bn_uses_batch_stats: bool, device: &B::Device) -> Result<Self> {
+    pub fn new(
+        arch: &ArchConfig,
+        frozen_bn_uses_batch_stats: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
         let mut trainable = vec![];
         let mut frozen = vec![];
         let mut slots = vec![];
@@ -189,7 +218,12 @@ impl<B: AutodiffBackend> DistillationModel<B> {
                 trainable.push(m);
                 (trainable.len() - 1, n)
             };
-            slots.push(ModelSlot { key: spec.key.clone(), spec: spec.clone(), taps: parse_taps(spec, blocks)?, index });
+            slots.push(ModelSlot {
+                key: spec.key.clone(),
+                spec: spec.clone(),
+                taps: parse_taps(spec, blocks)?,
+                index,
+            });
         }
         if trainable.is_empty() {
             bail!("Arch.freeze_params_list freezes every model: nothing would be trained");
@@ -199,7 +233,11 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             frozen,
             slots,
             infer_model_name: arch.infer_model_name.clone(),
-            frozen_bn: if frozen_bn_uses_batch_stats { BnMode::Train } else { BnMode::Eval },
+            frozen_bn: if frozen_bn_uses_batch_stats {
+                BnMode::Train
+            } else {
+                BnMode::Eval
+            },
         })
     }
 
@@ -217,7 +255,11 @@ impl<B: AutodiffBackend> DistillationModel<B> {
         let x_inner = (!self.frozen.is_empty()).then(|| x.clone().inner());
         for slot in &self.slots {
             let o = if slot.spec.frozen {
-                let o = self.frozen[slot.index].forward(x_inner.clone().expect("frozen present"), self.frozen_bn, &slot.taps);
+                let o = self.frozen[slot.index].forward(
+                    x_inner.clone().expect("frozen present"),
+                    self.frozen_bn,
+                    &slot.taps,
+                );
                 ModelOutput {
                     logits: Tensor::from_inner(o.logits),
                     features: o.features.into_iter().map(Tensor::from_inner).collect(),
@@ -231,12 +273,23 @@ impl<B: AutodiffBackend> DistillationModel<B> {
     }
 
     /// Evaluation forward of every model, BatchNorm on running statistics, no graph.
-    pub fn forward_eval(&self, valid: &TrainableSet<B::InnerBackend>, x: Tensor<B::InnerBackend, 4>) -> Outputs<B::InnerBackend> {
+    pub fn forward_eval(
+        &self,
+        valid: &TrainableSet<B::InnerBackend>,
+        x: Tensor<B::InnerBackend, 4>,
+    ) -> Outputs<B::InnerBackend> {
         self.slots
             .iter()
             .map(|slot| {
-                let m = if slot.spec.frozen { &self.frozen[slot.index] } else { &valid.models[slot.index] };
-                (slot.key.clone(), m.forward(x.clone(), BnMode::Eval, &slot.taps))
+                let m = if slot.spec.frozen {
+                    &self.frozen[slot.index]
+                } else {
+                    &valid.models[slot.index]
+                };
+                (
+                    slot.key.clone(),
+                    m.forward(x.clone(), BnMode::Eval, &slot.taps),
+                )
             })
             .collect()
     }
@@ -244,7 +297,11 @@ impl<B: AutodiffBackend> DistillationModel<B> {
     /// The inference model (`infer_model_name`) on the inner backend.
     pub fn infer_model(&self) -> Result<(ModelSpec, Backbone<B::InnerBackend>)> {
         let slot = self.slot(&self.infer_model_name)?;
-        let m = if slot.spec.frozen { self.frozen[slot.index].clone() } else { self.trainable.models[slot.index].valid() };
+        let m = if slot.spec.frozen {
+            self.frozen[slot.index].clone()
+        } else {
+            self.trainable.models[slot.index].valid()
+        };
         Ok((slot.spec.clone(), m))
     }
 
@@ -253,9 +310,13 @@ impl<B: AutodiffBackend> DistillationModel<B> {
         for slot in &self.slots {
             let path = dir.join(&slot.key);
             if slot.spec.frozen {
-                self.frozen[slot.index].clone().save_file(&path, &recorder())
+                self.frozen[slot.index]
+                    .clone()
+                    .save_file(&path, &recorder())
             } else {
-                self.trainable.models[slot.index].clone().save_file(&path, &recorder())
+                self.trainable.models[slot.index]
+                    .clone()
+                    .save_file(&path, &recorder())
             }
             .with_context(|| format!("saving model {} to {}", slot.key, path.display()))?;
         }
@@ -274,7 +335,8 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             self.frozen[slot.index] = m.load_file(file, &recorder(), device).with_context(ctx)?;
         } else {
             let m = self.trainable.models[slot.index].clone();
-            self.trainable.models[slot.index] = m.load_file(file, &recorder(), device).with_context(ctx)?;
+            self.trainable.models[slot.index] =
+                m.load_file(file, &recorder(), device).with_context(ctx)?;
         }
         Ok(())
     }
@@ -309,7 +371,9 @@ mod tests {
     }
 
     fn params(name: &str, classes: usize, extra: &str) -> usize {
-        Backbone::<Flex>::from_spec(&spec(name, classes, extra), &Default::default()).unwrap().num_trainable_params()
+        Backbone::<Flex>::from_spec(&spec(name, classes, extra), &Default::default())
+            .unwrap()
+            .num_trainable_params()
     }
 
     /// Counts of the published architectures (torchvision for ImageNet ResNets; the CRD/DKD
@@ -329,8 +393,13 @@ mod tests {
 
     #[test]
     fn unknown_backbone_lists_known_ones() {
-        let e = Backbone::<Flex>::from_spec(&spec("ResNet19", 10, ""), &Default::default()).unwrap_err().to_string();
-        assert!(e.contains("unknown backbone") && e.contains("resnet8x4"), "{e}");
+        let e = Backbone::<Flex>::from_spec(&spec("ResNet19", 10, ""), &Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown backbone") && e.contains("resnet8x4"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -346,6 +415,9 @@ mod tests {
         assert_eq!(out.features[0].dims(), [2, 256, 8, 8]);
         assert_eq!(out.features[1].dims(), [2, 64, 32, 32]);
         s.return_patterns = vec!["blocks[3]".into()];
-        assert!(parse_taps(&s, m.num_blocks()).unwrap_err().to_string().contains("blocks[2]"));
+        assert!(parse_taps(&s, m.num_blocks())
+            .unwrap_err()
+            .to_string()
+            .contains("blocks[2]"));
     }
 }

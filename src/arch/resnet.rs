@@ -29,7 +29,8 @@ impl<B: Backend> Block<B> {
             conv0: ConvBn::new(cin, cout, 3, stride, true, device),
             conv1: ConvBn::new(cout, cout, 3, 1, false, device),
             conv2: None,
-            short: (stride != 1 || cin != cout).then(|| ConvBn::new(cin, cout, 1, stride, false, device)),
+            short: (stride != 1 || cin != cout)
+                .then(|| ConvBn::new(cin, cout, 1, stride, false, device)),
         }
     }
 
@@ -39,7 +40,8 @@ impl<B: Backend> Block<B> {
             conv0: ConvBn::new(cin, width, 1, 1, true, device),
             conv1: ConvBn::new(width, width, 3, stride, true, device),
             conv2: Some(ConvBn::new(width, cout, 1, 1, false, device)),
-            short: (stride != 1 || cin != cout).then(|| ConvBn::new(cin, cout, 1, stride, false, device)),
+            short: (stride != 1 || cin != cout)
+                .then(|| ConvBn::new(cin, cout, 1, stride, false, device)),
         }
     }
 
@@ -73,7 +75,12 @@ pub struct ResNet<B: Backend> {
 
 impl<B: Backend> ResNet<B> {
     /// `cifar_stem` only affects ImageNet-kind networks (CIFAR ones always have the 3×3 stem).
-    pub fn new(kind: ResNetKind, class_num: usize, cifar_stem: bool, device: &B::Device) -> Result<Self, String> {
+    pub fn new(
+        kind: ResNetKind,
+        class_num: usize,
+        cifar_stem: bool,
+        device: &B::Device,
+    ) -> Result<Self, String> {
         let mut blocks = vec![];
         let (stem, max_pool, out) = match kind {
             ResNetKind::ImageNet { depth } => {
@@ -83,7 +90,11 @@ impl<B: Backend> ResNet<B> {
                     50 => ([3, 4, 6, 3], true),
                     101 => ([3, 4, 23, 3], true),
                     152 => ([3, 8, 36, 3], true),
-                    d => return Err(format!("ResNet depth {d} is not one of 18, 34, 50, 101, 152")),
+                    d => {
+                        return Err(format!(
+                            "ResNet depth {d} is not one of 18, 34, 50, 101, 152"
+                        ))
+                    }
                 };
                 let stem = if cifar_stem {
                     ConvBn::new(3, 64, 3, 1, true, device)
@@ -111,7 +122,11 @@ impl<B: Backend> ResNet<B> {
                     return Err(format!("CIFAR ResNet depth must be 6n+2, got {depth}"));
                 }
                 let n = (depth - 2) / 6;
-                let widths = if widen == 1 { [16, 16, 32, 64] } else { [32, 64, 128, 256] };
+                let widths = if widen == 1 {
+                    [16, 16, 32, 64]
+                } else {
+                    [32, 64, 128, 256]
+                };
                 let stem = ConvBn::new(3, widths[0], 3, 1, true, device);
                 let mut cin = widths[0];
                 for stage in 0..3 {
@@ -124,11 +139,21 @@ impl<B: Backend> ResNet<B> {
                 (stem, false, cin)
             }
         };
-        Ok(ResNet { stem, max_pool, blocks, fc: LinearConfig::new(out, class_num).init(device) })
+        Ok(ResNet {
+            stem,
+            max_pool,
+            blocks,
+            fc: LinearConfig::new(out, class_num).init(device),
+        })
     }
 
     /// Logits, plus the outputs of the blocks whose indices are in `taps` (in the order given).
-    pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode, taps: &[usize]) -> (Tensor<B, 2>, Vec<Tensor<B, 4>>) {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        mode: BnMode,
+        taps: &[usize],
+    ) -> (Tensor<B, 2>, Vec<Tensor<B, 4>>) {
         let mut x = self.stem.forward(x, mode);
         if self.max_pool {
             x = burn::tensor::module::max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false);
@@ -146,6 +171,12 @@ impl<B: Backend> ResNet<B> {
         // Global average pool over a contiguous [N, C, HW] view.
         let pooled = x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c]);
         let logits = self.fc.forward(pooled);
-        (logits, tapped.into_iter().map(|t| t.expect("tap index validated at build time")).collect())
+        (
+            logits,
+            tapped
+                .into_iter()
+                .map(|t| t.expect("tap index validated at build time"))
+                .collect(),
+        )
     }
 }

@@ -45,14 +45,22 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
         let t = p.val();
         let shape = t.dims().to_vec();
-        let values = t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data");
-        self.out.insert(self.path.name(), NamedTensor { shape, values });
+        let values = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 data");
+        self.out
+            .insert(self.path.name(), NamedTensor { shape, values });
     }
 }
 
 /// All float tensors of `module` (parameters and BatchNorm running statistics) by name.
 pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, NamedTensor> {
-    let mut c = Collect { path: Path::default(), out: BTreeMap::new() };
+    let mut c = Collect {
+        path: Path::default(),
+        out: BTreeMap::new(),
+    };
     module.visit(&mut c);
     c.out
 }
@@ -82,13 +90,20 @@ impl<B: Backend> ModuleMapper<B> for Assign<'_, B> {
                 tensor
             }
             Some(src) if src.shape != tensor.dims().to_vec() => {
-                self.mismatched.push(format!("{name}: expected {:?}, file has {:?}", tensor.dims(), src.shape));
+                self.mismatched.push(format!(
+                    "{name}: expected {:?}, file has {:?}",
+                    tensor.dims(),
+                    src.shape
+                ));
                 tensor
             }
             Some(src) => {
                 self.used.push(name);
                 let require_grad = tensor.is_require_grad();
-                let t = Tensor::<B, D>::from_data(TensorData::new(src.values.clone(), src.shape.clone()), &self.device);
+                let t = Tensor::<B, D>::from_data(
+                    TensorData::new(src.values.clone(), src.shape.clone()),
+                    &self.device,
+                );
                 if require_grad {
                     t.require_grad()
                 } else {
@@ -103,10 +118,25 @@ impl<B: Backend> ModuleMapper<B> for Assign<'_, B> {
 /// Replaces every float tensor of `module` with the same-named one in `source`. Any missing,
 /// unexpected or mis-shaped name is an error listing all of them (a silently partial load is
 /// how a teacher ends up untrained).
-pub fn load_named<B: Backend, M: Module<B>>(module: M, source: &BTreeMap<String, NamedTensor>, device: &B::Device) -> Result<M> {
-    let mut a = Assign { path: Path::default(), source, device: device.clone(), missing: vec![], mismatched: vec![], used: vec![] };
+pub fn load_named<B: Backend, M: Module<B>>(
+    module: M,
+    source: &BTreeMap<String, NamedTensor>,
+    device: &B::Device,
+) -> Result<M> {
+    let mut a = Assign {
+        path: Path::default(),
+        source,
+        device: device.clone(),
+        missing: vec![],
+        mismatched: vec![],
+        used: vec![],
+    };
     let module = module.map(&mut a);
-    let unexpected: Vec<&String> = source.keys().filter(|k| !a.used.contains(k)).filter(|k| !a.mismatched.iter().any(|m| m.starts_with(&format!("{k}:")))).collect();
+    let unexpected: Vec<&String> = source
+        .keys()
+        .filter(|k| !a.used.contains(k))
+        .filter(|k| !a.mismatched.iter().any(|m| m.starts_with(&format!("{k}:"))))
+        .collect();
     let mut problems = vec![];
     if !a.missing.is_empty() {
         problems.push(format!("missing: {}", a.missing.join(", ")));
@@ -115,7 +145,14 @@ pub fn load_named<B: Backend, M: Module<B>>(module: M, source: &BTreeMap<String,
         problems.push(format!("shape mismatch: {}", a.mismatched.join("; ")));
     }
     if !unexpected.is_empty() {
-        problems.push(format!("unexpected: {}", unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
+        problems.push(format!(
+            "unexpected: {}",
+            unexpected
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     if !problems.is_empty() {
         bail!("weights do not fit the model ({})", problems.join("; "));
@@ -124,14 +161,28 @@ pub fn load_named<B: Backend, M: Module<B>>(module: M, source: &BTreeMap<String,
 }
 
 /// Writes named tensors as a safetensors file (f32).
-pub fn save_safetensors(tensors: &BTreeMap<String, NamedTensor>, metadata: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
+pub fn save_safetensors(
+    tensors: &BTreeMap<String, NamedTensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(k, t)| (k.clone(), t.values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(k, b, s)| Ok((k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .map(|(k, b, s)| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     Ok(safetensors::serialize(views, metadata)?)
 }
@@ -144,8 +195,18 @@ pub fn load_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, NamedTensor>> {
         if view.dtype() != safetensors::Dtype::F32 {
             bail!("tensor {name} is {:?}; only F32 is supported", view.dtype());
         }
-        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        out.insert(name, NamedTensor { shape: view.shape().to_vec(), values });
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(
+            name,
+            NamedTensor {
+                shape: view.shape().to_vec(),
+                values,
+            },
+        );
     }
     Ok(out)
 }

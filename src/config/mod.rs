@@ -5,4 +5,7 @@ mod schema;
 mod tree;
 
 pub use schema::*;
-pub use tree::{apply_override, load_yaml, override_value, parse_yaml, python_literal, ConfigError, ConfigResult, Node};
+pub use tree::{
+    apply_override, load_yaml, override_value, parse_yaml, python_literal, ConfigError,
+    ConfigResult, Node,
+};

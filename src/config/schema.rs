@@ -171,26 +171,53 @@ impl Config {
 
     pub fn from_tree(tree: Value, path: &Path, mut warnings: Vec<String>) -> ConfigResult<Config> {
         let root = Node::root(tree.clone(), path);
-        let empty = Node { value: Value::Mapping(Default::default()), path: String::new(), file: root.file.clone() };
+        let empty = Node {
+            value: Value::Mapping(Default::default()),
+            path: String::new(),
+            file: root.file.clone(),
+        };
         let global_node = root.get("Global").unwrap_or_else(|| empty.clone());
         let data = root.get("DataLoader");
-        let train_data = data.as_ref().and_then(|d| d.get("Train")).map(|n| parse_loader(&n)).transpose()?;
-        let eval_data = data.as_ref().and_then(|d| d.get("Eval")).map(|n| parse_loader(&n)).transpose()?;
+        let train_data = data
+            .as_ref()
+            .and_then(|d| d.get("Train"))
+            .map(|n| parse_loader(&n))
+            .transpose()?;
+        let eval_data = data
+            .as_ref()
+            .and_then(|d| d.get("Eval"))
+            .map(|n| parse_loader(&n))
+            .transpose()?;
         let global = parse_global(&global_node, train_data.as_ref())?;
         let arch = parse_arch(&root.require("Arch")?, &global_node)?;
         let (train_loss, eval_loss) = match root.get("Loss") {
             Some(l) => (
-                l.get("Train").map(|n| parse_losses(&n)).transpose()?.unwrap_or_default(),
-                l.get("Eval").map(|n| parse_losses(&n)).transpose()?.unwrap_or_default(),
+                l.get("Train")
+                    .map(|n| parse_losses(&n))
+                    .transpose()?
+                    .unwrap_or_default(),
+                l.get("Eval")
+                    .map(|n| parse_losses(&n))
+                    .transpose()?
+                    .unwrap_or_default(),
             ),
             None => (vec![], vec![]),
         };
-        let optimizer = root.get("Optimizer").map(|n| parse_optimizer(&n)).transpose()?;
+        let optimizer = root
+            .get("Optimizer")
+            .map(|n| parse_optimizer(&n))
+            .transpose()?;
         let infer = root.get("Infer").map(|n| parse_infer(&n)).transpose()?;
         let (train_metric, eval_metric) = match root.get("Metric") {
             Some(m) => (
-                m.get("Train").map(|n| parse_metrics(&n)).transpose()?.unwrap_or_default(),
-                m.get("Eval").map(|n| parse_metrics(&n)).transpose()?.unwrap_or_default(),
+                m.get("Train")
+                    .map(|n| parse_metrics(&n))
+                    .transpose()?
+                    .unwrap_or_default(),
+                m.get("Eval")
+                    .map(|n| parse_metrics(&n))
+                    .transpose()?
+                    .unwrap_or_default(),
             ),
             None => (vec![], vec![]),
         };
@@ -203,7 +230,10 @@ impl Config {
             }
         }
         if root.get("EMA").is_some() {
-            warnings.push(format!("{}: EMA is configured; EMA is not yet supported and is ignored", path.display()));
+            warnings.push(format!(
+                "{}: EMA is configured; EMA is not yet supported and is ignored",
+                path.display()
+            ));
         }
         Ok(Config {
             file: path.to_path_buf(),
@@ -223,16 +253,26 @@ impl Config {
     }
 
     pub fn train_section(&self) -> ConfigResult<&LoaderSection> {
-        self.train_data.as_ref().ok_or_else(|| self.missing("DataLoader.Train"))
+        self.train_data
+            .as_ref()
+            .ok_or_else(|| self.missing("DataLoader.Train"))
     }
     pub fn eval_section(&self) -> ConfigResult<&LoaderSection> {
-        self.eval_data.as_ref().ok_or_else(|| self.missing("DataLoader.Eval"))
+        self.eval_data
+            .as_ref()
+            .ok_or_else(|| self.missing("DataLoader.Eval"))
     }
     pub fn optimizer(&self) -> ConfigResult<&OptimizerConfig> {
-        self.optimizer.as_ref().ok_or_else(|| self.missing("Optimizer"))
+        self.optimizer
+            .as_ref()
+            .ok_or_else(|| self.missing("Optimizer"))
     }
     fn missing(&self, key: &str) -> ConfigError {
-        ConfigError { file: self.file.clone(), key: key.into(), message: "missing (required for this command)".into() }
+        ConfigError {
+            file: self.file.clone(),
+            key: key.into(),
+            message: "missing (required for this command)".into(),
+        }
     }
 }
 
@@ -245,13 +285,19 @@ fn parse_global(g: &Node, train: Option<&LoaderSection>) -> ConfigResult<GlobalC
         "cpu" => DeviceKind::Cpu,
         "gpu" | "cuda" => DeviceKind::Gpu,
         other => {
-            return Err(g.require("device")?.error(format!("unknown device {other:?}; expected cpu or gpu")));
+            return Err(g
+                .require("device")?
+                .error(format!("unknown device {other:?}; expected cpu or gpu")));
         }
     };
     let image_shape = match g.usize_list("image_shape")? {
         None => [3, 224, 224],
         Some(v) if v.len() == 3 => [v[0], v[1], v[2]],
-        Some(_) => return Err(g.require("image_shape")?.error("expected [channels, height, width]")),
+        Some(_) => {
+            return Err(g
+                .require("image_shape")?
+                .error("expected [channels, height, width]"))
+        }
     };
     let positive = |key: &str, default: usize| -> ConfigResult<usize> {
         let v = g.usize_or(key, default)?;
@@ -272,10 +318,19 @@ fn parse_global(g: &Node, train: Option<&LoaderSection>) -> ConfigResult<GlobalC
         epochs: positive("epochs", 1)?,
         print_batch_step: positive("print_batch_step", 10)?,
         image_shape,
-        save_inference_dir: opt_path(g, "save_inference_dir")?.unwrap_or_else(|| PathBuf::from("./inference")),
-        seed: g.get("seed").map(|n| n.as_usize()).transpose()?.map(|s| s as u64).unwrap_or(42),
+        save_inference_dir: opt_path(g, "save_inference_dir")?
+            .unwrap_or_else(|| PathBuf::from("./inference")),
+        seed: g
+            .get("seed")
+            .map(|n| n.as_usize())
+            .transpose()?
+            .map(|s| s as u64)
+            .unwrap_or(42),
         frozen_bn_uses_batch_stats: g.bool_or("frozen_bn_uses_batch_stats", false)?,
-        threads: g.usize("threads")?.or(train.map(|t| t.num_workers)).filter(|&t| t > 0),
+        threads: g
+            .usize("threads")?
+            .or(train.map(|t| t.num_workers))
+            .filter(|&t| t > 0),
     })
 }
 
@@ -292,7 +347,12 @@ fn parse_pretrained(n: &Node) -> ConfigResult<Pretrained> {
     })
 }
 
-fn parse_model(key: String, params: Node, class_num: usize, frozen: bool) -> ConfigResult<ModelSpec> {
+fn parse_model(
+    key: String,
+    params: Node,
+    class_num: usize,
+    frozen: bool,
+) -> ConfigResult<ModelSpec> {
     let name = params.require("name")?.as_str()?;
     Ok(ModelSpec {
         key,
@@ -314,15 +374,28 @@ fn parse_arch(a: &Node, global: &Node) -> ConfigResult<ArchConfig> {
     };
     if name != "DistillationModel" {
         let model = parse_model("model".into(), a.clone(), class_num, false)?;
-        return Ok(ArchConfig { infer_model_name: model.key.clone(), models: vec![model], name, distillation: false });
+        return Ok(ArchConfig {
+            infer_model_name: model.key.clone(),
+            models: vec![model],
+            name,
+            distillation: false,
+        });
     }
     let entries = a.require("models")?.items()?;
     let freeze = match a.get("freeze_params_list") {
         None => vec![false; entries.len()],
         Some(f) => {
-            let v = f.items()?.iter().map(Node::as_bool).collect::<ConfigResult<Vec<_>>>()?;
+            let v = f
+                .items()?
+                .iter()
+                .map(Node::as_bool)
+                .collect::<ConfigResult<Vec<_>>>()?;
             if v.len() != entries.len() {
-                return Err(f.error(format!("has {} entries but Arch.models has {}", v.len(), entries.len())));
+                return Err(f.error(format!(
+                    "has {} entries but Arch.models has {}",
+                    v.len(),
+                    entries.len()
+                )));
             }
             v
         }
@@ -340,13 +413,23 @@ fn parse_arch(a: &Node, global: &Node) -> ConfigResult<ArchConfig> {
     }
     let infer_model_name = match a.str("infer_model_name")? {
         Some(n) => n,
-        None => global.str("infer_model_name")?.unwrap_or_else(|| models.last().expect("non-empty").key.clone()),
+        None => global
+            .str("infer_model_name")?
+            .unwrap_or_else(|| models.last().expect("non-empty").key.clone()),
     };
     if !models.iter().any(|m| m.key == infer_model_name) {
         let known: Vec<_> = models.iter().map(|m| m.key.as_str()).collect();
-        return Err(a.require("infer_model_name")?.error(format!("`{infer_model_name}` is not one of the models ({})", known.join(", "))));
+        return Err(a.require("infer_model_name")?.error(format!(
+            "`{infer_model_name}` is not one of the models ({})",
+            known.join(", ")
+        )));
     }
-    Ok(ArchConfig { name, models, infer_model_name, distillation: true })
+    Ok(ArchConfig {
+        name,
+        models,
+        infer_model_name,
+        distillation: true,
+    })
 }
 
 fn parse_losses(n: &Node) -> ConfigResult<Vec<LossSpec>> {
@@ -355,7 +438,11 @@ fn parse_losses(n: &Node) -> ConfigResult<Vec<LossSpec>> {
         .map(|e| {
             let (name, params) = e.single_key_entry()?;
             let weight = params.f64_or("weight", 1.0)?;
-            Ok(LossSpec { name, weight, params })
+            Ok(LossSpec {
+                name,
+                weight,
+                params,
+            })
         })
         .collect()
 }
@@ -391,7 +478,10 @@ fn parse_optimizer(o: &Node) -> ConfigResult<OptimizerConfig> {
 fn parse_specs(n: &Node) -> ConfigResult<Vec<Spec>> {
     n.items()?
         .iter()
-        .map(|e| e.single_key_entry().map(|(name, params)| Spec { name, params }))
+        .map(|e| {
+            e.single_key_entry()
+                .map(|(name, params)| Spec { name, params })
+        })
         .collect()
 }
 
@@ -402,16 +492,32 @@ fn parse_loader(n: &Node) -> ConfigResult<LoaderSection> {
         image_root: PathBuf::from(d.require("image_root")?.as_str()?),
         cls_label_path: PathBuf::from(d.require("cls_label_path")?.as_str()?),
         delimiter: d.str("delimiter")?,
-        transforms: d.get("transform_ops").map(|t| parse_specs(&t)).transpose()?.unwrap_or_default(),
+        transforms: d
+            .get("transform_ops")
+            .map(|t| parse_specs(&t))
+            .transpose()?
+            .unwrap_or_default(),
     };
     let s = n.require("sampler")?;
     let batch_size = s.require("batch_size")?.as_usize()?;
     if batch_size == 0 {
         return Err(s.require("batch_size")?.error("must be at least 1"));
     }
-    let sampler = SamplerConfig { batch_size, drop_last: s.bool_or("drop_last", false)?, shuffle: s.bool_or("shuffle", false)? };
-    let num_workers = n.get("loader").map(|l| l.usize_or("num_workers", 0)).transpose()?.unwrap_or(0);
-    Ok(LoaderSection { dataset, sampler, num_workers })
+    let sampler = SamplerConfig {
+        batch_size,
+        drop_last: s.bool_or("drop_last", false)?,
+        shuffle: s.bool_or("shuffle", false)?,
+    };
+    let num_workers = n
+        .get("loader")
+        .map(|l| l.usize_or("num_workers", 0))
+        .transpose()?
+        .unwrap_or(0);
+    Ok(LoaderSection {
+        dataset,
+        sampler,
+        num_workers,
+    })
 }
 
 fn parse_infer(n: &Node) -> ConfigResult<InferConfig> {
@@ -422,7 +528,11 @@ fn parse_infer(n: &Node) -> ConfigResult<InferConfig> {
     Ok(InferConfig {
         infer_imgs: opt_path(n, "infer_imgs")?,
         batch_size: n.usize_or("batch_size", 10)?.max(1),
-        transforms: n.get("transforms").map(|t| parse_specs(&t)).transpose()?.unwrap_or_default(),
+        transforms: n
+            .get("transforms")
+            .map(|t| parse_specs(&t))
+            .transpose()?
+            .unwrap_or_default(),
         topk,
         class_id_map_file,
     })
@@ -438,7 +548,9 @@ fn parse_metrics(n: &Node) -> ConfigResult<Vec<MetricSpec>> {
                     model_key: p.str("model_key")?,
                     topk: p.usize_list("topk")?.unwrap_or_else(|| vec![1, 5]),
                 }),
-                other => Err(e.error(format!("unknown metric {other:?}; known: TopkAcc, DistillationTopkAcc"))),
+                other => Err(e.error(format!(
+                    "unknown metric {other:?}; known: TopkAcc, DistillationTopkAcc"
+                ))),
             }
         })
         .collect()
@@ -473,7 +585,10 @@ mod tests {
     fn dkd_config_reads_the_expected_values() {
         let cfg = Config::load(
             &reference_dir().join("resnet34_distill_resnet18_dkd.yaml"),
-            &["Global.epochs=3".into(), "Loss.Train.1.DistillationDKDLoss.temperature=4".into()],
+            &[
+                "Global.epochs=3".into(),
+                "Loss.Train.1.DistillationDKDLoss.temperature=4".into(),
+            ],
         )
         .unwrap();
         assert_eq!(cfg.global.epochs, 3);
@@ -481,7 +596,10 @@ mod tests {
         assert!(cfg.arch.models[0].frozen);
         assert_eq!(cfg.arch.models[0].pretrained, Pretrained::Released);
         assert_eq!(cfg.arch.infer_model_name, "Student");
-        assert_eq!(cfg.train_loss[1].params.f64("temperature").unwrap(), Some(4.0));
+        assert_eq!(
+            cfg.train_loss[1].params.f64("temperature").unwrap(),
+            Some(4.0)
+        );
         let opt = cfg.optimizer.unwrap();
         assert_eq!(opt.weight_decay, 1e-4); // the YAML has the string-free scalar 1e-4
         assert_eq!(opt.lr.name, "MultiStepDecay");
@@ -497,12 +615,19 @@ mod tests {
         )
         .unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("resnet34_distill_resnet18_dkd.yaml") && s.contains("Global.epochs"), "{s}");
+        assert!(
+            s.contains("resnet34_distill_resnet18_dkd.yaml") && s.contains("Global.epochs"),
+            "{s}"
+        );
     }
 
     #[test]
     fn afd_anchors_resolve() {
-        let cfg = Config::load(&reference_dir().join("resnet34_distill_resnet18_afd.yaml"), &[]).unwrap();
+        let cfg = Config::load(
+            &reference_dir().join("resnet34_distill_resnet18_afd.yaml"),
+            &[],
+        )
+        .unwrap();
         assert_eq!(cfg.arch.models[0].name, "AttentionModel");
     }
 

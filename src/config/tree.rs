@@ -101,7 +101,11 @@ pub fn python_literal(s: &str) -> Option<Value> {
         return Some(Value::Number(i.into()));
     }
     // Rust accepts "inf"/"nan" which Python's literal_eval does not.
-    if t.chars().any(|c| c.is_ascii_digit()) && !t.chars().any(|c| c.is_ascii_alphabetic() && c != 'e' && c != 'E') {
+    if t.chars().any(|c| c.is_ascii_digit())
+        && !t
+            .chars()
+            .any(|c| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+    {
         if let Ok(f) = t.parse::<f64>() {
             return Some(Value::Number(f.into()));
         }
@@ -111,7 +115,10 @@ pub fn python_literal(s: &str) -> Option<Value> {
         if inner.trim().is_empty() {
             return Some(Value::Sequence(vec![]));
         }
-        let items: Option<Vec<Value>> = split_top_level(inner).iter().map(|p| python_literal(p).or_else(|| quoted(p))).collect();
+        let items: Option<Vec<Value>> = split_top_level(inner)
+            .iter()
+            .map(|p| python_literal(p).or_else(|| quoted(p)))
+            .collect();
         return items.map(Value::Sequence);
     }
     None
@@ -119,7 +126,9 @@ pub fn python_literal(s: &str) -> Option<Value> {
 
 fn quoted(s: &str) -> Option<Value> {
     let t = s.trim();
-    if t.len() >= 2 && ((t.starts_with('\'') && t.ends_with('\'')) || (t.starts_with('"') && t.ends_with('"'))) {
+    if t.len() >= 2
+        && ((t.starts_with('\'') && t.ends_with('\'')) || (t.starts_with('"') && t.ends_with('"')))
+    {
         Some(Value::String(t[1..t.len() - 1].to_string()))
     } else {
         None
@@ -165,10 +174,18 @@ pub fn override_value(raw: &str) -> Value {
 /// Applies one `-o a.b.0.c=value` override. Numeric segments index lists; a missing mapping key is
 /// created and reported in the returned warning.
 pub fn apply_override(tree: &mut Value, spec: &str, file: &Path) -> ConfigResult<Option<String>> {
-    let err = |message: String| ConfigError { file: file.to_path_buf(), key: spec.to_string(), message };
+    let err = |message: String| ConfigError {
+        file: file.to_path_buf(),
+        key: spec.to_string(),
+        message,
+    };
     let (key, raw) = match spec.split_once('=') {
         Some((k, v)) if !v.contains('=') && !k.trim().is_empty() => (k.trim(), v),
-        _ => return Err(err("an override must be `Key.path=value` with exactly one '='".into())),
+        _ => {
+            return Err(err(
+                "an override must be `Key.path=value` with exactly one '='".into(),
+            ))
+        }
     };
     let segments: Vec<&str> = key.split('.').collect();
     let mut warning = None;
@@ -176,34 +193,58 @@ pub fn apply_override(tree: &mut Value, spec: &str, file: &Path) -> ConfigResult
     let mut walked = String::new();
     for (i, seg) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
-        let here = if walked.is_empty() { seg.to_string() } else { format!("{walked}.{seg}") };
+        let here = if walked.is_empty() {
+            seg.to_string()
+        } else {
+            format!("{walked}.{seg}")
+        };
         node = match node {
             Value::Sequence(seq) => {
                 let idx: usize = seg
                     .parse()
                     .map_err(|_| err(format!("`{walked}` is a list; `{seg}` is not an index")))?;
                 let len = seq.len();
-                seq.get_mut(idx)
-                    .ok_or_else(|| err(format!("index {idx} is out of range: `{walked}` has {len} entries")))?
+                seq.get_mut(idx).ok_or_else(|| {
+                    err(format!(
+                        "index {idx} is out of range: `{walked}` has {len} entries"
+                    ))
+                })?
             }
             Value::Mapping(map) => {
                 let k = Value::String(seg.to_string());
                 if !map.contains_key(&k) {
                     warning = Some(format!("override `{key}`: key `{here}` did not exist in the config and was created"));
-                    let fresh = if last { Value::Null } else { Value::Mapping(Mapping::new()) };
+                    let fresh = if last {
+                        Value::Null
+                    } else {
+                        Value::Mapping(Mapping::new())
+                    };
                     map.insert(k.clone(), fresh);
                 }
                 map.get_mut(&k).expect("inserted above")
             }
             Value::Null => {
                 *node = Value::Mapping(Mapping::new());
-                warning = Some(format!("override `{key}`: key `{here}` did not exist in the config and was created"));
+                warning = Some(format!(
+                    "override `{key}`: key `{here}` did not exist in the config and was created"
+                ));
                 let map = node.as_mapping_mut().expect("just set");
-                map.insert(Value::String(seg.to_string()), if last { Value::Null } else { Value::Mapping(Mapping::new()) });
-                map.get_mut(Value::String(seg.to_string())).expect("inserted above")
+                map.insert(
+                    Value::String(seg.to_string()),
+                    if last {
+                        Value::Null
+                    } else {
+                        Value::Mapping(Mapping::new())
+                    },
+                );
+                map.get_mut(Value::String(seg.to_string()))
+                    .expect("inserted above")
             }
             other => {
-                return Err(err(format!("`{walked}` is a {}, it has no key `{seg}`", kind(other))));
+                return Err(err(format!(
+                    "`{walked}` is a {}, it has no key `{seg}`",
+                    kind(other)
+                )));
             }
         };
         walked = here;
@@ -228,7 +269,9 @@ fn show(v: &Value) -> String {
     match v {
         Value::String(s) => format!("{s:?}"),
         Value::Null => "null".into(),
-        other => serde_yaml::to_string(other).map(|s| s.trim().to_string()).unwrap_or_else(|_| kind(other).into()),
+        other => serde_yaml::to_string(other)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| kind(other).into()),
     }
 }
 
@@ -243,11 +286,19 @@ pub struct Node {
 
 impl Node {
     pub fn root(value: Value, file: &Path) -> Self {
-        Node { value, path: String::new(), file: Arc::new(file.to_path_buf()) }
+        Node {
+            value,
+            path: String::new(),
+            file: Arc::new(file.to_path_buf()),
+        }
     }
 
     pub fn error(&self, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: (*self.file).clone(), key: self.path.clone(), message: message.into() }
+        ConfigError {
+            file: (*self.file).clone(),
+            key: self.path.clone(),
+            message: message.into(),
+        }
     }
 
     fn at(&self, key: &str) -> String {
@@ -264,7 +315,11 @@ impl Node {
         if v.is_null() {
             return None;
         }
-        Some(Node { value: v.clone(), path: self.at(key), file: self.file.clone() })
+        Some(Node {
+            value: v.clone(),
+            path: self.at(key),
+            file: self.file.clone(),
+        })
     }
 
     pub fn require(&self, key: &str) -> ConfigResult<Node> {
@@ -283,7 +338,11 @@ impl Node {
     pub fn keys(&self) -> Vec<String> {
         self.value
             .as_mapping()
-            .map(|m| m.keys().map(|k| k.as_str().map(str::to_string).unwrap_or_else(|| show(k))).collect())
+            .map(|m| {
+                m.keys()
+                    .map(|k| k.as_str().map(str::to_string).unwrap_or_else(|| show(k)))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -292,7 +351,11 @@ impl Node {
             Value::Sequence(seq) => Ok(seq
                 .iter()
                 .enumerate()
-                .map(|(i, v)| Node { value: v.clone(), path: format!("{}[{i}]", self.path), file: self.file.clone() })
+                .map(|(i, v)| Node {
+                    value: v.clone(),
+                    path: format!("{}[{i}]", self.path),
+                    file: self.file.clone(),
+                })
                 .collect()),
             other => Err(self.error(format!("expected a list, got {}", show(other)))),
         }
@@ -306,21 +369,45 @@ impl Node {
             .value
             .as_mapping()
             .filter(|m| m.len() == 1)
-            .ok_or_else(|| self.error(format!("expected a one-key mapping like `Name: {{...}}`, got {}", show(&self.value))))?;
+            .ok_or_else(|| {
+                self.error(format!(
+                    "expected a one-key mapping like `Name: {{...}}`, got {}",
+                    show(&self.value)
+                ))
+            })?;
         let (k, v) = map.iter().next().expect("len 1");
-        let name = k.as_str().ok_or_else(|| self.error("the entry name must be a string"))?.to_string();
-        let value = if v.is_null() { Value::Mapping(Mapping::new()) } else { v.clone() };
+        let name = k
+            .as_str()
+            .ok_or_else(|| self.error("the entry name must be a string"))?
+            .to_string();
+        let value = if v.is_null() {
+            Value::Mapping(Mapping::new())
+        } else {
+            v.clone()
+        };
         if !value.is_mapping() {
-            return Err(self.error(format!("`{name}` must map to its parameters, got {}", show(&value))));
+            return Err(self.error(format!(
+                "`{name}` must map to its parameters, got {}",
+                show(&value)
+            )));
         }
-        Ok((name.clone(), Node { value, path: format!("{}.{name}", self.path), file: self.file.clone() }))
+        Ok((
+            name.clone(),
+            Node {
+                value,
+                path: format!("{}.{name}", self.path),
+                file: self.file.clone(),
+            },
+        ))
     }
 
     pub fn as_f64(&self) -> ConfigResult<f64> {
         match &self.value {
             Value::Number(n) => n.as_f64().ok_or_else(|| self.error("expected a number")),
             // Python-side expressions such as NormalizeImage's `scale: 1.0/255.0`.
-            Value::String(s) => eval_arith(s).ok_or_else(|| self.error(format!("expected a number, got {s:?}"))),
+            Value::String(s) => {
+                eval_arith(s).ok_or_else(|| self.error(format!("expected a number, got {s:?}")))
+            }
             other => Err(self.error(format!("expected a number, got {}", show(other)))),
         }
     }
@@ -337,7 +424,8 @@ impl Node {
 
     pub fn as_usize(&self) -> ConfigResult<usize> {
         let i = self.as_i64()?;
-        usize::try_from(i).map_err(|_| self.error(format!("expected a non-negative integer, got {i}")))
+        usize::try_from(i)
+            .map_err(|_| self.error(format!("expected a non-negative integer, got {i}")))
     }
 
     pub fn as_bool(&self) -> ConfigResult<bool> {
@@ -368,7 +456,11 @@ impl Node {
         Ok(self.usize(key)?.unwrap_or(default))
     }
     pub fn bool_or(&self, key: &str, default: bool) -> ConfigResult<bool> {
-        Ok(self.get(key).map(|n| n.as_bool()).transpose()?.unwrap_or(default))
+        Ok(self
+            .get(key)
+            .map(|n| n.as_bool())
+            .transpose()?
+            .unwrap_or(default))
     }
     pub fn str(&self, key: &str) -> ConfigResult<Option<String>> {
         self.get(key).map(|n| n.as_str()).transpose()
@@ -377,21 +469,33 @@ impl Node {
         Ok(self.str(key)?.unwrap_or_else(|| default.to_string()))
     }
     pub fn f64_list(&self, key: &str) -> ConfigResult<Option<Vec<f64>>> {
-        self.get(key).map(|n| n.items()?.iter().map(Node::as_f64).collect()).transpose()
+        self.get(key)
+            .map(|n| n.items()?.iter().map(Node::as_f64).collect())
+            .transpose()
     }
     pub fn usize_list(&self, key: &str) -> ConfigResult<Option<Vec<usize>>> {
-        self.get(key).map(|n| n.items()?.iter().map(Node::as_usize).collect()).transpose()
+        self.get(key)
+            .map(|n| n.items()?.iter().map(Node::as_usize).collect())
+            .transpose()
     }
     pub fn str_list(&self, key: &str) -> ConfigResult<Option<Vec<String>>> {
-        self.get(key).map(|n| n.items()?.iter().map(Node::as_str).collect()).transpose()
+        self.get(key)
+            .map(|n| n.items()?.iter().map(Node::as_str).collect())
+            .transpose()
     }
     /// A size given as an int (square) or `[w, h]`.
     pub fn size2(&self, key: &str) -> ConfigResult<Option<(usize, usize)>> {
-        let Some(n) = self.get(key) else { return Ok(None) };
+        let Some(n) = self.get(key) else {
+            return Ok(None);
+        };
         if let Ok(s) = n.as_usize() {
             return Ok(Some((s, s)));
         }
-        let v = n.items()?.iter().map(Node::as_usize).collect::<ConfigResult<Vec<_>>>()?;
+        let v = n
+            .items()?
+            .iter()
+            .map(Node::as_usize)
+            .collect::<ConfigResult<Vec<_>>>()?;
         match v.as_slice() {
             [w, h] => Ok(Some((*w, *h))),
             _ => Err(n.error("expected an integer or a [width, height] pair")),
@@ -403,7 +507,12 @@ impl Node {
     pub fn warn_unknown_keys(&self, known: &[&str]) {
         for k in self.keys() {
             if !known.contains(&k.as_str()) {
-                tracing::warn!("{}: {}: unknown key, ignored (known: {})", self.file.display(), self.at(&k), known.join(", "));
+                tracing::warn!(
+                    "{}: {}: unknown key, ignored (known: {})",
+                    self.file.display(),
+                    self.at(&k),
+                    known.join(", ")
+                );
             }
         }
     }
@@ -434,7 +543,11 @@ mod tests {
 
     #[test]
     fn mapping_strings_are_literal_evaluated_but_list_strings_are_not() {
-        let v = parse_yaml("a: '1e-4'\nb: ['1e-4']\nc: 'True'\nd: 'hello'\ne: {f: '3'}\n", &p()).unwrap();
+        let v = parse_yaml(
+            "a: '1e-4'\nb: ['1e-4']\nc: 'True'\nd: 'hello'\ne: {f: '3'}\n",
+            &p(),
+        )
+        .unwrap();
         assert_eq!(v["a"].as_f64(), Some(1e-4));
         assert_eq!(v["b"][0].as_str(), Some("1e-4"));
         assert_eq!(v["c"].as_bool(), Some(true));
@@ -451,7 +564,9 @@ mod tests {
     #[test]
     fn overrides_index_lists_and_create_missing_keys() {
         let mut v = parse_yaml("L:\n  - A: {t: 1}\n  - B: {t: 2}\n", &p()).unwrap();
-        assert!(apply_override(&mut v, "L.1.B.t=4.5", &p()).unwrap().is_none());
+        assert!(apply_override(&mut v, "L.1.B.t=4.5", &p())
+            .unwrap()
+            .is_none());
         assert_eq!(v["L"][1]["B"]["t"].as_f64(), Some(4.5));
         let w = apply_override(&mut v, "G.new.key=abc", &p()).unwrap();
         assert!(w.unwrap().contains("G"));
@@ -466,13 +581,26 @@ mod tests {
 
     #[test]
     fn node_errors_name_the_key_path() {
-        let v = parse_yaml("Loss:\n  Train:\n    - A: {}\n    - DKD: {temperature: abc}\n", &p()).unwrap();
+        let v = parse_yaml(
+            "Loss:\n  Train:\n    - A: {}\n    - DKD: {temperature: abc}\n",
+            &p(),
+        )
+        .unwrap();
         let root = Node::root(v, &p());
-        let entries = root.require("Loss").unwrap().require("Train").unwrap().items().unwrap();
+        let entries = root
+            .require("Loss")
+            .unwrap()
+            .require("Train")
+            .unwrap()
+            .items()
+            .unwrap();
         let (name, params) = entries[1].single_key_entry().unwrap();
         assert_eq!(name, "DKD");
         let e = params.f64("temperature").unwrap_err();
-        assert_eq!(e.to_string(), "cfg.yaml: Loss.Train[1].DKD.temperature: expected a number, got \"abc\"");
+        assert_eq!(
+            e.to_string(),
+            "cfg.yaml: Loss.Train[1].DKD.temperature: expected a number, got \"abc\""
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@ impl ImageNetDataset {
     /// Reads `list` (`<relpath><delimiter><label>` per line; blank lines skipped). A malformed
     /// line or a missing image fails with `file:line`.
     pub fn from_list(image_root: &Path, list: &Path, delimiter: Option<&str>) -> Result<Self> {
-        let text = std::fs::read_to_string(list).with_context(|| format!("cannot read list file {}", list.display()))?;
+        let text = std::fs::read_to_string(list)
+            .with_context(|| format!("cannot read list file {}", list.display()))?;
         let mut samples = vec![];
         for (i, line) in text.lines().enumerate() {
             let at = || format!("{}:{}", list.display(), i + 1);
@@ -39,7 +40,9 @@ impl ImageNetDataset {
                 .parse()
                 .ok()
                 .filter(|l| *l >= 0)
-                .with_context(|| format!("{}: label {label:?} is not a non-negative integer", at()))?;
+                .with_context(|| {
+                    format!("{}: label {label:?} is not a non-negative integer", at())
+                })?;
             let path = image_root.join(rel);
             if !path.is_file() {
                 bail!("{}: image {} does not exist", at(), path.display());
@@ -62,7 +65,11 @@ impl ImageNetDataset {
 
     /// Largest label + 1.
     pub fn num_classes(&self) -> usize {
-        self.samples.iter().map(|s| s.label as usize + 1).max().unwrap_or(0)
+        self.samples
+            .iter()
+            .map(|s| s.label as usize + 1)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -82,14 +89,24 @@ mod tests {
         assert_eq!(ds.num_classes(), 4);
 
         std::fs::write(&list, "a.png 3\nb.png 2\n").unwrap();
-        let e = ImageNetDataset::from_list(dir.path(), &list, None).unwrap_err().to_string();
+        let e = ImageNetDataset::from_list(dir.path(), &list, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("list.txt:2") && e.contains("b.png"), "{e}");
 
         std::fs::write(&list, "a.png cat\n").unwrap();
-        let e = ImageNetDataset::from_list(dir.path(), &list, None).unwrap_err().to_string();
+        let e = ImageNetDataset::from_list(dir.path(), &list, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("list.txt:1") && e.contains("cat"), "{e}");
 
         std::fs::write(&list, "a.png,5\n").unwrap();
-        assert_eq!(ImageNetDataset::from_list(dir.path(), &list, Some(",")).unwrap().samples[0].label, 5);
+        assert_eq!(
+            ImageNetDataset::from_list(dir.path(), &list, Some(","))
+                .unwrap()
+                .samples[0]
+                .label,
+            5
+        );
     }
 }

@@ -32,22 +32,32 @@ pub struct Loader {
 
 fn sample_seed(seed: u64, epoch: usize, index: usize) -> u64 {
     // SplitMix-style mixing so neighbouring indices get unrelated streams.
-    let mut z = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z = seed
+        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (index as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
 /// Prepares one batch (used by the worker threads, and directly by tests and benchmarks).
-pub fn load_batch(ds: &ImageNetDataset, transforms: &[Transform], indices: &[usize], seed: u64, epoch: usize) -> Result<Batch> {
+pub fn load_batch(
+    ds: &ImageNetDataset,
+    transforms: &[Transform],
+    indices: &[usize],
+    seed: u64,
+    epoch: usize,
+) -> Result<Batch> {
     let mut images = vec![];
     let mut labels = vec![];
     let mut shape: Option<[usize; 3]> = None;
     for &i in indices {
         let s = &ds.samples[i];
-        let bytes = std::fs::read(&s.path).with_context(|| format!("cannot read image {}", s.path.display()))?;
+        let bytes = std::fs::read(&s.path)
+            .with_context(|| format!("cannot read image {}", s.path.display()))?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed(seed, epoch, i));
-        let (data, sh) = run_pipeline(transforms, bytes, &mut rng).with_context(|| format!("image {}", s.path.display()))?;
+        let (data, sh) = run_pipeline(transforms, bytes, &mut rng)
+            .with_context(|| format!("image {}", s.path.display()))?;
         match shape {
             None => shape = Some(sh),
             Some(first) if first != sh => bail!(
@@ -62,7 +72,11 @@ pub fn load_batch(ds: &ImageNetDataset, transforms: &[Transform], indices: &[usi
         labels.push(s.label);
     }
     let [c, h, w] = shape.ok_or_else(|| anyhow!("empty batch"))?;
-    Ok(Batch { images, shape: [indices.len(), c, h, w], labels })
+    Ok(Batch {
+        images,
+        shape: [indices.len(), c, h, w],
+        labels,
+    })
 }
 
 /// Batches of one epoch, in order, with the time the consumer waited for each.
@@ -98,7 +112,14 @@ impl Loader {
                 })
             })
             .collect();
-        EpochIter { rx: Some(rx), pending: BTreeMap::new(), next: 0, total, workers, last_wait: Duration::ZERO }
+        EpochIter {
+            rx: Some(rx),
+            pending: BTreeMap::new(),
+            next: 0,
+            total,
+            workers,
+            last_wait: Duration::ZERO,
+        }
     }
 }
 
@@ -146,8 +167,13 @@ mod tests {
         let samples = (0..n)
             .map(|i| {
                 let path = dir.join(format!("{i}.png"));
-                image::RgbImage::from_pixel(4, 4, image::Rgb([i as u8, 0, 0])).save(&path).unwrap();
-                Sample { path, label: i as i64 }
+                image::RgbImage::from_pixel(4, 4, image::Rgb([i as u8, 0, 0]))
+                    .save(&path)
+                    .unwrap();
+                Sample {
+                    path,
+                    label: i as i64,
+                }
             })
             .collect();
         ImageNetDataset { samples }
@@ -159,8 +185,16 @@ mod tests {
         let ds = Arc::new(dataset(dir.path(), 9));
         let batches = vec![vec![3, 1], vec![0, 8, 2], vec![5]];
         let run = |threads| {
-            let l = Loader { dataset: ds.clone(), transforms: Arc::new(vec![]), threads, prefetch: 2, seed: 1 };
-            l.epoch(batches.clone(), 0).map(|b| b.unwrap()).collect::<Vec<_>>()
+            let l = Loader {
+                dataset: ds.clone(),
+                transforms: Arc::new(vec![]),
+                threads,
+                prefetch: 2,
+                seed: 1,
+            };
+            l.epoch(batches.clone(), 0)
+                .map(|b| b.unwrap())
+                .collect::<Vec<_>>()
         };
         let one = run(1);
         let four = run(4);
@@ -180,7 +214,13 @@ mod tests {
         let mut ds = dataset(dir.path(), 2);
         std::fs::write(&ds.samples[1].path, b"garbage").unwrap();
         ds.samples[1].label = 1;
-        let l = Loader { dataset: Arc::new(ds), transforms: Arc::new(vec![]), threads: 2, prefetch: 1, seed: 0 };
+        let l = Loader {
+            dataset: Arc::new(ds),
+            transforms: Arc::new(vec![]),
+            threads: 2,
+            prefetch: 1,
+            seed: 0,
+        };
         let out: Vec<_> = l.epoch(vec![vec![0], vec![1]], 0).collect();
         let e = format!("{:#}", out[1].as_ref().unwrap_err());
         assert!(e.contains("1.png"), "{e}");

@@ -20,13 +20,18 @@ impl BatchSampler {
     pub fn indices(&self, epoch: usize) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.len).collect();
         if self.shuffle {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                self.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
+            );
             idx.shuffle(&mut rng);
         }
         let total = self.len.div_ceil(self.world) * self.world;
         let pad: Vec<usize> = idx.iter().cycle().take(total - self.len).copied().collect();
         idx.extend(pad);
-        idx.into_iter().skip(self.rank).step_by(self.world).collect()
+        idx.into_iter()
+            .skip(self.rank)
+            .step_by(self.world)
+            .collect()
     }
 
     pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
@@ -51,8 +56,23 @@ impl BatchSampler {
 mod tests {
     use super::*;
 
-    fn s(len: usize, bs: usize, shuffle: bool, drop_last: bool, rank: usize, world: usize) -> BatchSampler {
-        BatchSampler { len, batch_size: bs, shuffle, drop_last, seed: 7, rank, world }
+    fn s(
+        len: usize,
+        bs: usize,
+        shuffle: bool,
+        drop_last: bool,
+        rank: usize,
+        world: usize,
+    ) -> BatchSampler {
+        BatchSampler {
+            len,
+            batch_size: bs,
+            shuffle,
+            drop_last,
+            seed: 7,
+            rank,
+            world,
+        }
     }
 
     #[test]
@@ -65,7 +85,10 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
         let d = s(10, 3, false, true, 0, 1);
-        assert_eq!(d.batches(0), vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8]]);
+        assert_eq!(
+            d.batches(0),
+            vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8]]
+        );
         assert_eq!(d.num_batches(), 3);
     }
 

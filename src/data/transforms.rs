@@ -9,8 +9,15 @@ use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::Rng;
 
-pub const TRANSFORMS: &[&str] =
-    &["DecodeImage", "RandCropImage", "RandFlipImage", "ResizeImage", "CropImage", "NormalizeImage", "ToCHWImage"];
+pub const TRANSFORMS: &[&str] = &[
+    "DecodeImage",
+    "RandCropImage",
+    "RandFlipImage",
+    "ResizeImage",
+    "CropImage",
+    "NormalizeImage",
+    "ToCHWImage",
+];
 
 /// An image between transforms.
 #[derive(Clone, Debug)]
@@ -19,17 +26,39 @@ pub enum Image {
     Encoded(Vec<u8>),
     Rgb(RgbImage),
     /// Normalised pixels, `[h, w, c]` or (when `chw`) `[c, h, w]`.
-    Float { data: Vec<f32>, h: usize, w: usize, c: usize, chw: bool },
+    Float {
+        data: Vec<f32>,
+        h: usize,
+        w: usize,
+        c: usize,
+        chw: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Transform {
     Decode,
-    RandCrop { size: (u32, u32), scale: (f64, f64), ratio: (f64, f64) },
-    RandFlip { flip_code: i32 },
-    Resize { short: Option<u32>, size: Option<(u32, u32)> },
-    Crop { size: (u32, u32) },
-    Normalize { scale: f32, mean: [f32; 3], std: [f32; 3], chw: bool },
+    RandCrop {
+        size: (u32, u32),
+        scale: (f64, f64),
+        ratio: (f64, f64),
+    },
+    RandFlip {
+        flip_code: i32,
+    },
+    Resize {
+        short: Option<u32>,
+        size: Option<(u32, u32)>,
+    },
+    Crop {
+        size: (u32, u32),
+    },
+    Normalize {
+        scale: f32,
+        mean: [f32; 3],
+        std: [f32; 3],
+        chw: bool,
+    },
     ToChw,
 }
 
@@ -44,7 +73,9 @@ impl Transform {
             }
         };
         let size = |key: &str| -> ConfigResult<(u32, u32)> {
-            let (w, h) = p.size2(key)?.ok_or_else(|| p.error(format!("{key}: missing (required)")))?;
+            let (w, h) = p
+                .size2(key)?
+                .ok_or_else(|| p.error(format!("{key}: missing (required)")))?;
             if w == 0 || h == 0 {
                 return Err(p.require(key)?.error("must be positive"));
             }
@@ -54,28 +85,53 @@ impl Transform {
             "DecodeImage" => {
                 p.warn_unknown_keys(&["to_rgb", "channel_first", "backend", "to_np"]);
                 if p.bool_or("channel_first", false)? {
-                    return Err(p.require("channel_first")?.error("channel_first: True is not supported"));
+                    return Err(p
+                        .require("channel_first")?
+                        .error("channel_first: True is not supported"));
                 }
                 Transform::Decode
             }
             "RandCropImage" => {
-                p.warn_unknown_keys(&["size", "scale", "ratio", "interpolation", "use_log_aspect", "backend"]);
+                p.warn_unknown_keys(&[
+                    "size",
+                    "scale",
+                    "ratio",
+                    "interpolation",
+                    "use_log_aspect",
+                    "backend",
+                ]);
                 let ratio = pair("ratio", (3.0 / 4.0, 4.0 / 3.0))?;
                 let scale = pair("scale", (0.08, 1.0))?;
-                if !(scale.0 > 0.0 && scale.0 <= scale.1) || !(ratio.0 > 0.0 && ratio.0 <= ratio.1) {
+                if !(scale.0 > 0.0 && scale.0 <= scale.1 && ratio.0 > 0.0 && ratio.0 <= ratio.1) {
                     return Err(p.error("scale and ratio must be positive [min, max] ranges"));
                 }
-                Transform::RandCrop { size: size("size")?, scale, ratio }
+                Transform::RandCrop {
+                    size: size("size")?,
+                    scale,
+                    ratio,
+                }
             }
             "RandFlipImage" => {
-                let flip_code = p.get("flip_code").map(|n| n.as_i64()).transpose()?.unwrap_or(1) as i32;
+                let flip_code = p
+                    .get("flip_code")
+                    .map(|n| n.as_i64())
+                    .transpose()?
+                    .unwrap_or(1) as i32;
                 if ![-1, 0, 1].contains(&flip_code) {
-                    return Err(p.require("flip_code")?.error("must be 1 (horizontal), 0 (vertical) or -1 (both)"));
+                    return Err(p
+                        .require("flip_code")?
+                        .error("must be 1 (horizontal), 0 (vertical) or -1 (both)"));
                 }
                 Transform::RandFlip { flip_code }
             }
             "ResizeImage" => {
-                p.warn_unknown_keys(&["resize_short", "size", "interpolation", "backend", "return_numpy"]);
+                p.warn_unknown_keys(&[
+                    "resize_short",
+                    "size",
+                    "interpolation",
+                    "backend",
+                    "return_numpy",
+                ]);
                 let short = p.usize("resize_short")?.map(|s| s as u32);
                 let sz = p.size2("size")?.map(|(w, h)| (w as u32, h as u32));
                 if short.is_none() == sz.is_none() {
@@ -83,14 +139,25 @@ impl Transform {
                 }
                 Transform::Resize { short, size: sz }
             }
-            "CropImage" => Transform::Crop { size: size("size")? },
+            "CropImage" => Transform::Crop {
+                size: size("size")?,
+            },
             "NormalizeImage" => {
-                p.warn_unknown_keys(&["scale", "mean", "std", "order", "output_fp16", "channel_num"]);
+                p.warn_unknown_keys(&[
+                    "scale",
+                    "mean",
+                    "std",
+                    "order",
+                    "output_fp16",
+                    "channel_num",
+                ]);
                 let three = |key: &str, d: [f64; 3]| -> ConfigResult<[f32; 3]> {
                     match p.f64_list(key)? {
                         None => Ok(d.map(|x| x as f32)),
                         Some(v) if v.len() == 3 => Ok([v[0] as f32, v[1] as f32, v[2] as f32]),
-                        Some(_) => Err(p.require(key)?.error("expected 3 values (one per channel)")),
+                        Some(_) => {
+                            Err(p.require(key)?.error("expected 3 values (one per channel)"))
+                        }
                     }
                 };
                 let std = three("std", [0.229, 0.224, 0.225])?;
@@ -100,10 +167,17 @@ impl Transform {
                 let chw = match p.str_or("order", "")?.to_ascii_lowercase().as_str() {
                     "" | "hwc" => false,
                     "chw" => true,
-                    other => return Err(p.require("order")?.error(format!("expected '', hwc or chw, got {other:?}"))),
+                    other => {
+                        return Err(p
+                            .require("order")?
+                            .error(format!("expected '', hwc or chw, got {other:?}")))
+                    }
                 };
                 if p.bool_or("output_fp16", false)? {
-                    tracing::warn!("{}: output_fp16 is ignored: kd-launch trains in fp32", p.path);
+                    tracing::warn!(
+                        "{}: output_fp16 is ignored: kd-launch trains in fp32",
+                        p.path
+                    );
                 }
                 Transform::Normalize {
                     scale: p.f64_or("scale", 1.0 / 255.0)? as f32,
@@ -114,7 +188,10 @@ impl Transform {
             }
             "ToCHWImage" => Transform::ToChw,
             other => {
-                return Err(p.error(format!("unknown transform {other:?}; known transforms: {}", TRANSFORMS.join(", "))))
+                return Err(p.error(format!(
+                    "unknown transform {other:?}; known transforms: {}",
+                    TRANSFORMS.join(", ")
+                )))
             }
         };
         Ok(t)
@@ -123,7 +200,9 @@ impl Transform {
     pub fn apply(&self, img: Image, rng: &mut StdRng) -> Result<Image> {
         Ok(match (self, img) {
             (Transform::Decode, Image::Encoded(bytes)) => Image::Rgb(
-                image::load_from_memory(&bytes).context("cannot decode image (JPEG or PNG expected)")?.to_rgb8(),
+                image::load_from_memory(&bytes)
+                    .context("cannot decode image (JPEG or PNG expected)")?
+                    .to_rgb8(),
             ),
             (Transform::Decode, other) => other,
             (Transform::RandCrop { size, scale, ratio }, Image::Rgb(im)) => {
@@ -138,7 +217,12 @@ impl Transform {
                 let x = rng.random_range(0..=im.width() - w);
                 let y = rng.random_range(0..=im.height() - h);
                 let crop = image::imageops::crop_imm(&im, x, y, w, h).to_image();
-                Image::Rgb(image::imageops::resize(&crop, size.0, size.1, FilterType::Triangle))
+                Image::Rgb(image::imageops::resize(
+                    &crop,
+                    size.0,
+                    size.1,
+                    FilterType::Triangle,
+                ))
             }
             (Transform::RandFlip { flip_code }, Image::Rgb(im)) => {
                 if rng.random_bool(0.5) {
@@ -155,7 +239,10 @@ impl Transform {
                 let (w, h) = match (short, size) {
                     (Some(s), _) => {
                         let pct = *s as f64 / im.width().min(im.height()) as f64;
-                        (((im.width() as f64 * pct).round() as u32).max(1), ((im.height() as f64 * pct).round() as u32).max(1))
+                        (
+                            ((im.width() as f64 * pct).round() as u32).max(1),
+                            ((im.height() as f64 * pct).round() as u32).max(1),
+                        )
                     }
                     (None, Some(sz)) => *sz,
                     (None, None) => unreachable!("validated in from_spec"),
@@ -164,15 +251,28 @@ impl Transform {
             }
             (Transform::Crop { size: (w, h) }, Image::Rgb(im)) => {
                 if im.width() < *w || im.height() < *h {
-                    bail!("CropImage size {w}x{h} is larger than the image ({}x{})", im.width(), im.height());
+                    bail!(
+                        "CropImage size {w}x{h} is larger than the image ({}x{})",
+                        im.width(),
+                        im.height()
+                    );
                 }
                 let (x, y) = ((im.width() - w) / 2, (im.height() - h) / 2);
                 Image::Rgb(image::imageops::crop_imm(&im, x, y, *w, *h).to_image())
             }
-            (Transform::Normalize { scale, mean, std, chw }, Image::Rgb(im)) => {
+            (
+                Transform::Normalize {
+                    scale,
+                    mean,
+                    std,
+                    chw,
+                },
+                Image::Rgb(im),
+            ) => {
                 let (w, h) = (im.width() as usize, im.height() as usize);
                 let raw = im.into_raw();
-                let coef: [(f32, f32); 3] = std::array::from_fn(|c| (scale / std[c], -mean[c] / std[c]));
+                let coef: [(f32, f32); 3] =
+                    std::array::from_fn(|c| (scale / std[c], -mean[c] / std[c]));
                 let mut data = vec![0f32; raw.len()];
                 if *chw {
                     for (i, px) in raw.chunks_exact(3).enumerate() {
@@ -186,7 +286,13 @@ impl Transform {
                         *o = *v as f32 * a + b;
                     }
                 }
-                Image::Float { data, h, w, c: 3, chw: *chw }
+                Image::Float {
+                    data,
+                    h,
+                    w,
+                    c: 3,
+                    chw: *chw,
+                }
             }
             (Transform::ToChw, img) => into_chw(img),
             (t, Image::Encoded(_)) => bail!("{t:?} needs a decoded image: put DecodeImage first"),
@@ -199,26 +305,48 @@ impl Transform {
 pub fn into_chw(img: Image) -> Image {
     match img {
         Image::Float { chw: true, .. } => img,
-        Image::Float { data, h, w, c, chw: false } => {
+        Image::Float {
+            data,
+            h,
+            w,
+            c,
+            chw: false,
+        } => {
             let mut out = vec![0f32; data.len()];
             for (i, px) in data.chunks_exact(c).enumerate() {
                 for (ch, v) in px.iter().enumerate() {
                     out[ch * h * w + i] = *v;
                 }
             }
-            Image::Float { data: out, h, w, c, chw: true }
+            Image::Float {
+                data: out,
+                h,
+                w,
+                c,
+                chw: true,
+            }
         }
         Image::Rgb(im) => {
             let (w, h) = (im.width() as usize, im.height() as usize);
             let data = im.into_raw().into_iter().map(f32::from).collect();
-            into_chw(Image::Float { data, h, w, c: 3, chw: false })
+            into_chw(Image::Float {
+                data,
+                h,
+                w,
+                c: 3,
+                chw: false,
+            })
         }
         Image::Encoded(_) => img,
     }
 }
 
 /// Runs `transforms` on an encoded file and returns `(chw pixels, [c, h, w])`.
-pub fn run_pipeline(transforms: &[Transform], bytes: Vec<u8>, rng: &mut StdRng) -> Result<(Vec<f32>, [usize; 3])> {
+pub fn run_pipeline(
+    transforms: &[Transform],
+    bytes: Vec<u8>,
+    rng: &mut StdRng,
+) -> Result<(Vec<f32>, [usize; 3])> {
     let mut img = Image::Encoded(bytes);
     if !matches!(transforms.first(), Some(Transform::Decode)) {
         img = Transform::Decode.apply(img, rng)?;
@@ -250,7 +378,11 @@ mod tests {
             .items()
             .unwrap()
             .iter()
-            .map(|e| e.single_key_entry().map(|(name, params)| Spec { name, params }).unwrap())
+            .map(|e| {
+                e.single_key_entry()
+                    .map(|(name, params)| Spec { name, params })
+                    .unwrap()
+            })
             .collect();
         build(&specs).unwrap()
     }
@@ -258,9 +390,13 @@ mod tests {
     fn png(w: u32, h: u32, grey: bool) -> Vec<u8> {
         let mut buf = std::io::Cursor::new(vec![]);
         if grey {
-            image::GrayImage::from_fn(w, h, |x, _| image::Luma([(x * 10) as u8])).write_to(&mut buf, image::ImageFormat::Png).unwrap();
+            image::GrayImage::from_fn(w, h, |x, _| image::Luma([(x * 10) as u8]))
+                .write_to(&mut buf, image::ImageFormat::Png)
+                .unwrap();
         } else {
-            RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7])).write_to(&mut buf, image::ImageFormat::Png).unwrap();
+            RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]))
+                .write_to(&mut buf, image::ImageFormat::Png)
+                .unwrap();
         }
         buf.into_inner()
     }
@@ -287,8 +423,11 @@ mod tests {
 
     #[test]
     fn normalize_matches_formula_and_chw_layout() {
-        let t = spec("[{NormalizeImage: {scale: 0.5, mean: [1, 2, 3], std: [2, 4, 8]}}, {ToCHWImage: }]");
-        let (data, shape) = run_pipeline(&t, png(2, 1, false), &mut StdRng::seed_from_u64(0)).unwrap();
+        let t = spec(
+            "[{NormalizeImage: {scale: 0.5, mean: [1, 2, 3], std: [2, 4, 8]}}, {ToCHWImage: }]",
+        );
+        let (data, shape) =
+            run_pipeline(&t, png(2, 1, false), &mut StdRng::seed_from_u64(0)).unwrap();
         assert_eq!(shape, [3, 1, 2]);
         // pixel (1, 0) = [1, 0, 7]; channel 0 at x = 1: (1*0.5 - 1)/2
         assert_eq!(data[1], (0.5 - 1.0) / 2.0);
@@ -300,12 +439,19 @@ mod tests {
         let v: serde_yaml::Value = serde_yaml::from_str("[{Blur: {}}]").unwrap();
         let root = Node::root(v, Path::new("t.yaml"));
         let (name, params) = root.items().unwrap()[0].single_key_entry().unwrap();
-        let e = Transform::from_spec(&Spec { name, params }).unwrap_err().to_string();
-        assert!(e.contains("unknown transform") && e.contains("RandCropImage"), "{e}");
+        let e = Transform::from_spec(&Spec { name, params })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown transform") && e.contains("RandCropImage"),
+            "{e}"
+        );
     }
 
     #[test]
     fn undecodable_bytes_are_an_error() {
-        assert!(run_pipeline(&[], b"not an image".to_vec(), &mut StdRng::seed_from_u64(0)).is_err());
+        assert!(
+            run_pipeline(&[], b"not an image".to_vec(), &mut StdRng::seed_from_u64(0)).is_err()
+        );
     }
 }

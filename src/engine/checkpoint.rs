@@ -30,19 +30,32 @@ impl TrainState {
     pub fn read(dir: &Path) -> Result<TrainState> {
         let file = dir.join(STATE_FILE);
         if !dir.is_dir() {
-            bail!("checkpoint {} does not exist (expected a directory written by kd-launch train)", dir.display());
+            bail!(
+                "checkpoint {} does not exist (expected a directory written by kd-launch train)",
+                dir.display()
+            );
         }
-        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not a kd-launch checkpoint state", file.display()))
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a kd-launch checkpoint state", file.display()))
     }
 }
 
 /// Writes a checkpoint directory atomically: `fill` writes into a fresh temporary directory
 /// beside `dir`, which then replaces `dir`.
 pub fn write_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let name = dir.file_name().context("checkpoint path has no name")?.to_string_lossy().to_string();
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = dir
+        .file_name()
+        .context("checkpoint path has no name")?
+        .to_string_lossy()
+        .to_string();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -53,9 +66,11 @@ pub fn write_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resul
     }
     sync_dir_files(&tmp)?;
     if dir.exists() {
-        std::fs::rename(dir, &old).with_context(|| format!("cannot move aside {}", dir.display()))?;
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("cannot move aside {}", dir.display()))?;
     }
-    std::fs::rename(&tmp, dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
@@ -87,10 +102,17 @@ pub fn resolve_model_file(path: &Path, key: &str) -> Result<PathBuf> {
     }
     if path.is_dir() {
         let state = TrainState::read(path)?;
-        let pick = if state.models.iter().any(|m| m == key) { key.to_string() } else { state.infer_model_name.clone() };
+        let pick = if state.models.iter().any(|m| m == key) {
+            key.to_string()
+        } else {
+            state.infer_model_name.clone()
+        };
         return Ok(path.join(format!("{pick}.mpk")));
     }
-    bail!("weights {} not found (give a checkpoint directory or a .mpk file written by kd-launch)", path.display())
+    bail!(
+        "weights {} not found (give a checkpoint directory or a .mpk file written by kd-launch)",
+        path.display()
+    )
 }
 
 #[cfg(test)]

@@ -11,9 +11,9 @@ use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::Averages;
 use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
+use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
-use burn::module::Module;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,7 +26,11 @@ pub struct EvalData {
 impl EvalData {
     pub fn new(cfg: &Config, rank: usize, world: usize) -> Result<Self> {
         let sec = cfg.eval_section()?;
-        let ds = ImageNetDataset::from_list(&sec.dataset.image_root, &sec.dataset.cls_label_path, sec.dataset.delimiter.as_deref())?;
+        let ds = ImageNetDataset::from_list(
+            &sec.dataset.image_root,
+            &sec.dataset.cls_label_path,
+            sec.dataset.delimiter.as_deref(),
+        )?;
         let sampler = BatchSampler {
             len: ds.len(),
             batch_size: sec.sampler.batch_size,
@@ -39,7 +43,13 @@ impl EvalData {
         let threads = loader_threads(cfg);
         let transforms = crate::data::transforms::build(&sec.dataset.transforms)?;
         Ok(EvalData {
-            loader: Loader { dataset: Arc::new(ds), transforms: Arc::new(transforms), threads, prefetch: threads * 2, seed: cfg.global.seed },
+            loader: Loader {
+                dataset: Arc::new(ds),
+                transforms: Arc::new(transforms),
+                threads,
+                prefetch: threads * 2,
+                seed: cfg.global.seed,
+            },
             batches: sampler.batches(0),
         })
     }
@@ -76,7 +86,12 @@ pub fn evaluate<B: AutodiffBackend>(
         let (x, y) = batch_tensors::<B::InnerBackend>(&batch, &device);
         let outputs = model.forward_eval(&valid, x);
         if let Some(l) = eval_loss {
-            let values = l.forward(&LossContext { outputs: &outputs, labels: y.clone(), epoch, default_model: &cfg.arch.infer_model_name })?;
+            let values = l.forward(&LossContext {
+                outputs: &outputs,
+                labels: y.clone(),
+                epoch,
+                default_model: &cfg.arch.infer_model_name,
+            })?;
             for (name, v) in &values.terms {
                 avg.add(name, v.clone().into_scalar().elem::<f32>() as f64, n);
             }
@@ -101,7 +116,11 @@ pub fn evaluate<B: AutodiffBackend>(
         tracing::info!("[Eval][Epoch {epoch}][Avg]{}", avg.format(5));
     }
     let top1 = avg.get("top1").unwrap_or(0.0);
-    Ok(EvalReport { top1, averages: avg, samples })
+    Ok(EvalReport {
+        top1,
+        averages: avg,
+        samples,
+    })
 }
 
 /// Sums every average's `(sum, count)` across ranks so all print the global value.
@@ -110,7 +129,10 @@ fn reduce(avg: Averages, collective: &mut dyn Collective) -> Result<Averages> {
         return Ok(avg);
     }
     let raw = avg.raw();
-    let mut buf: Vec<f32> = raw.iter().flat_map(|(_, s, n)| [*s as f32, *n as f32]).collect();
+    let mut buf: Vec<f32> = raw
+        .iter()
+        .flat_map(|(_, s, n)| [*s as f32, *n as f32])
+        .collect();
     collective.all_reduce_sum(&mut buf)?;
     let mut out = Averages::default();
     for ((name, _, _), pair) in raw.iter().zip(buf.chunks(2)) {
@@ -122,7 +144,11 @@ fn reduce(avg: Averages, collective: &mut dyn Collective) -> Result<Averages> {
 }
 
 /// `kd-launch eval`: load the weights in `Global.pretrained_model` (or `Global.checkpoints`) and evaluate.
-pub fn eval_command<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunOptions) -> Result<EvalReport> {
+pub fn eval_command<B: AutodiffBackend>(
+    cfg: &Config,
+    device: B::Device,
+    mut opts: RunOptions,
+) -> Result<EvalReport> {
     let g = &cfg.global;
     B::seed(&device, g.seed);
     let mut model = DistillationModel::<B>::new(&cfg.arch, false, &device)?;
@@ -134,10 +160,24 @@ pub fn eval_command<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opt
         (Some(_), _) => load_initial_weights(cfg, &mut model, &device)?,
         (None, Some(dir)) => model.load_all(dir, &device)?,
     }
-    let eval_loss = (!cfg.eval_loss.is_empty()).then(|| CombinedLoss::new(&cfg.eval_loss)).transpose()?;
+    let eval_loss = (!cfg.eval_loss.is_empty())
+        .then(|| CombinedLoss::new(&cfg.eval_loss))
+        .transpose()?;
     let data = EvalData::new(cfg, opts.collective.rank(), opts.collective.world_size())?;
-    let epoch = super::checkpoint::TrainState::read(g.pretrained_model.as_ref().or(g.checkpoints.as_ref()).expect("checked above"))
-        .map(|s| s.epoch)
-        .unwrap_or(0);
-    evaluate(&model, &data, cfg, eval_loss.as_ref(), epoch, opts.collective.as_mut())
+    let epoch = super::checkpoint::TrainState::read(
+        g.pretrained_model
+            .as_ref()
+            .or(g.checkpoints.as_ref())
+            .expect("checked above"),
+    )
+    .map(|s| s.epoch)
+    .unwrap_or(0);
+    evaluate(
+        &model,
+        &data,
+        cfg,
+        eval_loss.as_ref(),
+        epoch,
+        opts.collective.as_mut(),
+    )
 }

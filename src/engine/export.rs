@@ -34,7 +34,8 @@ pub struct ExportMeta {
 
 /// Reads a PaddleClas class-id map (`<id> <name>` per line).
 pub fn read_label_map(path: &Path) -> Result<BTreeMap<usize, String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read class_id_map_file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read class_id_map_file {}", path.display()))?;
     let mut out = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -42,7 +43,9 @@ pub fn read_label_map(path: &Path) -> Result<BTreeMap<usize, String>> {
             continue;
         }
         let (id, name) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-        let id: usize = id.parse().with_context(|| format!("{}:{}: expected `<class id> <name>`", path.display(), i + 1))?;
+        let id: usize = id.parse().with_context(|| {
+            format!("{}:{}: expected `<class id> <name>`", path.display(), i + 1)
+        })?;
         out.insert(id, name.trim().to_string());
     }
     Ok(out)
@@ -84,10 +87,17 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
         _ => bail!("{}: export needs Infer.transforms (or DataLoader.Eval transforms) to record the preprocessing", cfg.file.display()),
     };
     crate::data::transforms::build(transforms)?;
-    let label_names = match cfg.infer.as_ref().and_then(|i| i.class_id_map_file.as_ref()) {
+    let label_names = match cfg
+        .infer
+        .as_ref()
+        .and_then(|i| i.class_id_map_file.as_ref())
+    {
         Some(p) if p.is_file() => read_label_map(p)?,
         Some(p) => {
-            tracing::warn!("class_id_map_file {} not found; the export has no label names", p.display());
+            tracing::warn!(
+                "class_id_map_file {} not found; the export has no label names",
+                p.display()
+            );
             BTreeMap::new()
         }
         None => BTreeMap::new(),
@@ -109,7 +119,10 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
         source: source.display().to_string(),
     };
     let tensors = weights::named_tensors(&backbone);
-    let bytes = weights::save_safetensors(&tensors, Some([("format".to_string(), FORMAT.to_string())].into()))?;
+    let bytes = weights::save_safetensors(
+        &tensors,
+        Some([("format".to_string(), FORMAT.to_string())].into()),
+    )?;
     let dir = g.save_inference_dir.clone();
     checkpoint::write_atomic(&dir, |tmp| {
         std::fs::write(tmp.join(WEIGHTS_FILE), &bytes)?;

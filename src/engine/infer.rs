@@ -48,24 +48,38 @@ pub fn image_list(path: &Path) -> Result<Vec<PathBuf>> {
             let p = e?.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())) {
+            } else if p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            {
                 out.push(p);
             }
         }
     }
     out.sort();
     if out.is_empty() {
-        bail!("{}: no images (.jpg, .jpeg, .png, .bmp) found", path.display());
+        bail!(
+            "{}: no images (.jpg, .jpeg, .png, .bmp) found",
+            path.display()
+        );
     }
     Ok(out)
 }
 
 fn specs_from_value(v: &serde_yaml::Value, file: &Path) -> Result<Vec<Spec>> {
-    let node = Node { value: v.clone(), path: "transforms".into(), file: std::sync::Arc::new(file.to_path_buf()) };
+    let node = Node {
+        value: v.clone(),
+        path: "transforms".into(),
+        file: std::sync::Arc::new(file.to_path_buf()),
+    };
     Ok(node
         .items()?
         .iter()
-        .map(|e| e.single_key_entry().map(|(name, params)| Spec { name, params }))
+        .map(|e| {
+            e.single_key_entry()
+                .map(|(name, params)| Spec { name, params })
+        })
         .collect::<Result<_, _>>()?)
 }
 
@@ -82,11 +96,20 @@ pub struct Predictor<B: Backend> {
 impl<B: Backend> Predictor<B> {
     pub fn from_export(dir: &Path, device: &B::Device) -> Result<Self> {
         let meta_path = dir.join(META_FILE);
-        let text = std::fs::read_to_string(&meta_path)
-            .with_context(|| format!("{} is not a kd-launch export (missing {META_FILE})", dir.display()))?;
-        let meta: ExportMeta = serde_json::from_str(&text).with_context(|| format!("{} is malformed", meta_path.display()))?;
+        let text = std::fs::read_to_string(&meta_path).with_context(|| {
+            format!(
+                "{} is not a kd-launch export (missing {META_FILE})",
+                dir.display()
+            )
+        })?;
+        let meta: ExportMeta = serde_json::from_str(&text)
+            .with_context(|| format!("{} is malformed", meta_path.display()))?;
         if meta.format != FORMAT {
-            bail!("{}: format {:?} is not {FORMAT:?}", meta_path.display(), meta.format);
+            bail!(
+                "{}: format {:?} is not {FORMAT:?}",
+                meta_path.display(),
+                meta.format
+            );
         }
         let params = Node::root(meta.model.clone(), &meta_path);
         let spec = ModelSpec {
@@ -100,11 +123,22 @@ impl<B: Backend> Predictor<B> {
         };
         let model = Backbone::<B>::from_spec(&spec, device)?;
         let wfile = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&wfile).with_context(|| format!("cannot read {}", wfile.display()))?;
-        let tensors = weights::load_safetensors(&bytes).with_context(|| format!("{} is not a valid safetensors file", wfile.display()))?;
-        let model = weights::load_named(model, &tensors, device).with_context(|| format!("loading {}", wfile.display()))?;
-        let transforms = crate::data::transforms::build(&specs_from_value(&meta.transforms, &meta_path)?)?;
-        Ok(Predictor { model, transforms, topk: meta.topk, label_names: meta.label_names, batch_size: 16, device: device.clone() })
+        let bytes =
+            std::fs::read(&wfile).with_context(|| format!("cannot read {}", wfile.display()))?;
+        let tensors = weights::load_safetensors(&bytes)
+            .with_context(|| format!("{} is not a valid safetensors file", wfile.display()))?;
+        let model = weights::load_named(model, &tensors, device)
+            .with_context(|| format!("loading {}", wfile.display()))?;
+        let transforms =
+            crate::data::transforms::build(&specs_from_value(&meta.transforms, &meta_path)?)?;
+        Ok(Predictor {
+            model,
+            transforms,
+            topk: meta.topk,
+            label_names: meta.label_names,
+            batch_size: 16,
+            device: device.clone(),
+        })
     }
 
     pub fn predict(&self, files: &[PathBuf]) -> Result<Vec<InferResult>> {
@@ -113,9 +147,11 @@ impl<B: Backend> Predictor<B> {
             let mut pixels = vec![];
             let mut shape = None;
             for f in chunk {
-                let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+                let bytes =
+                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
                 let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-                let (data, s) = run_pipeline(&self.transforms, bytes, &mut rng).with_context(|| format!("image {}", f.display()))?;
+                let (data, s) = run_pipeline(&self.transforms, bytes, &mut rng)
+                    .with_context(|| format!("image {}", f.display()))?;
                 if shape.is_some_and(|p| p != s) {
                     bail!("image {} has shape {s:?} after preprocessing, unlike the others in its batch", f.display());
                 }
@@ -123,7 +159,10 @@ impl<B: Backend> Predictor<B> {
                 pixels.extend(data);
             }
             let [c, h, w] = shape.expect("non-empty chunk");
-            let x = Tensor::<B, 4>::from_data(TensorData::new(pixels, [chunk.len(), c, h, w]), &self.device);
+            let x = Tensor::<B, 4>::from_data(
+                TensorData::new(pixels, [chunk.len(), c, h, w]),
+                &self.device,
+            );
             let probs = softmax(self.model.forward(x, BnMode::Eval, &[]).logits, 1);
             let classes = probs.dims()[1];
             let k = self.topk.min(classes);
@@ -134,7 +173,10 @@ impl<B: Backend> Predictor<B> {
                 let row = i * classes..i * classes + k;
                 let class_ids: Vec<usize> = idx[row.clone()].iter().map(|&c| c as usize).collect();
                 out.push(InferResult {
-                    label_names: class_ids.iter().map(|c| self.label_names.get(c).cloned().unwrap_or_default()).collect(),
+                    label_names: class_ids
+                        .iter()
+                        .map(|c| self.label_names.get(c).cloned().unwrap_or_default())
+                        .collect(),
                     class_ids,
                     scores: vals[row].to_vec(),
                     file_name: f.display().to_string(),
@@ -146,12 +188,28 @@ impl<B: Backend> Predictor<B> {
 }
 
 /// `kd-launch infer`: predictions for `images` (default: `Infer.infer_imgs`).
-pub fn infer<B: AutodiffBackend>(source: InferSource, images: Option<&Path>, device: B::Device) -> Result<Vec<InferResult>> {
+pub fn infer<B: AutodiffBackend>(
+    source: InferSource,
+    images: Option<&Path>,
+    device: B::Device,
+) -> Result<Vec<InferResult>> {
     let (predictor, default_images) = match source {
-        InferSource::Export(dir) => (Predictor::<B::InnerBackend>::from_export(dir, &device)?, None),
+        InferSource::Export(dir) => (
+            Predictor::<B::InnerBackend>::from_export(dir, &device)?,
+            None,
+        ),
         InferSource::Config(cfg) => {
-            let inf = cfg.infer.as_ref().with_context(|| format!("{}: Infer section missing", cfg.file.display()))?;
-            if cfg.global.pretrained_model.is_none() && !cfg.arch.models.iter().any(|m| matches!(m.pretrained, Pretrained::Path(_))) {
+            let inf = cfg
+                .infer
+                .as_ref()
+                .with_context(|| format!("{}: Infer section missing", cfg.file.display()))?;
+            if cfg.global.pretrained_model.is_none()
+                && !cfg
+                    .arch
+                    .models
+                    .iter()
+                    .any(|m| matches!(m.pretrained, Pretrained::Path(_)))
+            {
                 bail!("{}: infer needs weights: -o Global.pretrained_model=<output_dir>/<arch>/best_model", cfg.file.display());
             }
             B::seed(&device, cfg.global.seed);
@@ -176,7 +234,9 @@ pub fn infer<B: AutodiffBackend>(source: InferSource, images: Option<&Path>, dev
     let images = match (images, &default_images) {
         (Some(p), _) => p.to_path_buf(),
         (None, Some(p)) => p.clone(),
-        (None, None) => bail!("no images given: pass --images <file or directory> (or set Infer.infer_imgs)"),
+        (None, None) => {
+            bail!("no images given: pass --images <file or directory> (or set Infer.infer_imgs)")
+        }
     };
     predictor.predict(&image_list(&images)?)
 }

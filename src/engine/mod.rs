@@ -52,6 +52,9 @@ macro_rules! with_backend {
             $crate::config::DeviceKind::Cpu => {
                 type $B = $crate::engine::CpuBackend;
                 let $dev = Default::default();
+                $crate::arch::layers::set_conv_as_matmul(
+                    std::env::var("KD_CONV").is_ok_and(|v| v == "matmul"),
+                );
                 $body
             }
             $crate::config::DeviceKind::Gpu => $crate::gpu_unavailable_or!($opts, |$B, $dev| $body),
@@ -90,7 +93,9 @@ pub fn run_train(cfg: &Config, opts: RunOptions) -> Result<TrainSummary> {
 
 /// `kd-launch eval`.
 pub fn run_eval(cfg: &Config, opts: RunOptions) -> Result<EvalReport> {
-    crate::with_backend!(cfg, opts, |B, dev| evaluate::eval_command::<B>(cfg, dev, opts))
+    crate::with_backend!(cfg, opts, |B, dev| evaluate::eval_command::<B>(
+        cfg, dev, opts
+    ))
 }
 
 /// `kd-launch export`; returns the export directory.
@@ -99,20 +104,38 @@ pub fn run_export(cfg: &Config, opts: RunOptions) -> Result<std::path::PathBuf> 
 }
 
 /// `kd-launch infer`: from an export (CPU) or from a config (its device).
-pub fn run_infer(source: InferSource, images: Option<&std::path::Path>, opts: RunOptions) -> Result<Vec<InferResult>> {
+pub fn run_infer(
+    source: InferSource,
+    images: Option<&std::path::Path>,
+    opts: RunOptions,
+) -> Result<Vec<InferResult>> {
     match source {
         InferSource::Export(_) => infer::infer::<CpuBackend>(source, images, Default::default()),
-        InferSource::Config(cfg) => crate::with_backend!(cfg, opts, |B, dev| infer::infer::<B>(InferSource::Config(cfg), images, dev)),
+        InferSource::Config(cfg) => crate::with_backend!(cfg, opts, |B, dev| infer::infer::<B>(
+            InferSource::Config(cfg),
+            images,
+            dev
+        )),
     }
 }
 
 /// Sets the CPU thread pool size once (compute threads for the flex backend).
 pub fn init_cpu_threads(threads: Option<usize>) {
     let n = threads
-        .or_else(|| std::env::var("KD_THREADS").ok().and_then(|v| v.parse().ok()))
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        .or_else(|| {
+            std::env::var("KD_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
     // Fails only if the pool was already built, which is fine.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .build_global();
 }
 
 /// `kd-launch check`: validate, build the models and losses, and describe them.
@@ -121,7 +144,11 @@ pub fn check(cfg: &Config) -> Result<String> {
     if cfg.global.device == DeviceKind::Gpu && !cfg!(feature = "cuda") {
         out.push("warning: Global.device is gpu but this build has no GPU support (use -o Global.device=cpu)".to_string());
     }
-    let model = crate::arch::DistillationModel::<CpuBackend>::new(&cfg.arch, cfg.global.frozen_bn_uses_batch_stats, &Default::default())?;
+    let model = crate::arch::DistillationModel::<CpuBackend>::new(
+        &cfg.arch,
+        cfg.global.frozen_bn_uses_batch_stats,
+        &Default::default(),
+    )?;
     out.push(format!("config: {}", cfg.file.display()));
     for slot in &model.slots {
         let params = if slot.spec.frozen {
@@ -135,10 +162,17 @@ pub fn check(cfg: &Config) -> Result<String> {
             slot.spec.name,
             slot.spec.class_num,
             params as f64 / 1e6,
-            if slot.spec.frozen { "frozen" } else { "trainable" }
+            if slot.spec.frozen {
+                "frozen"
+            } else {
+                "trainable"
+            }
         );
         if !slot.spec.return_patterns.is_empty() {
-            line.push_str(&format!(", features {}", slot.spec.return_patterns.join(" ")));
+            line.push_str(&format!(
+                ", features {}",
+                slot.spec.return_patterns.join(" ")
+            ));
         }
         out.push(line);
         match &slot.spec.pretrained {
@@ -156,10 +190,24 @@ pub fn check(cfg: &Config) -> Result<String> {
     }
     out.push(format!("infer model: {}", cfg.arch.infer_model_name));
     let loss = crate::loss::CombinedLoss::new(&cfg.train_loss)?;
-    loss.check_models(&model.slots.iter().map(|s| s.key.as_str()).collect::<Vec<_>>())?;
-    out.push(format!("train loss terms: {}", loss.term_names().join(", ")));
+    loss.check_models(
+        &model
+            .slots
+            .iter()
+            .map(|s| s.key.as_str())
+            .collect::<Vec<_>>(),
+    )?;
+    out.push(format!(
+        "train loss terms: {}",
+        loss.term_names().join(", ")
+    ));
     if !cfg.eval_loss.is_empty() {
-        out.push(format!("eval loss terms: {}", crate::loss::CombinedLoss::new(&cfg.eval_loss)?.term_names().join(", ")));
+        out.push(format!(
+            "eval loss terms: {}",
+            crate::loss::CombinedLoss::new(&cfg.eval_loss)?
+                .term_names()
+                .join(", ")
+        ));
     }
     if let Some(o) = &cfg.optimizer {
         crate::optim::sgd_config(o)?;
@@ -173,8 +221,16 @@ pub fn check(cfg: &Config) -> Result<String> {
         if let Some(sec) = sec {
             crate::data::transforms::build(&sec.dataset.transforms)?;
             let list = &sec.dataset.cls_label_path;
-            let state = if list.is_file() { "found" } else { "not found here" };
-            out.push(format!("data {name}: {} ({state}), batch {}", list.display(), sec.sampler.batch_size));
+            let state = if list.is_file() {
+                "found"
+            } else {
+                "not found here"
+            };
+            out.push(format!(
+                "data {name}: {} ({state}), batch {}",
+                list.display(),
+                sec.sampler.batch_size
+            ));
         }
     }
     if let Some(inf) = &cfg.infer {

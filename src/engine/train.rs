@@ -12,10 +12,10 @@ use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::Averages;
 use crate::optim::{sgd_config, LrSchedule};
 use anyhow::{bail, Context, Result};
-use burn::tensor::ElementConversion;
 use burn::optim::{GradientsParams, Optimizer};
 use burn::record::Recorder;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ElementConversion;
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -32,15 +32,23 @@ pub struct TrainSummary {
     pub images_per_second: f64,
 }
 
-pub(crate) fn batch_tensors<B: Backend>(batch: &crate::data::Batch, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+pub(crate) fn batch_tensors<B: Backend>(
+    batch: &crate::data::Batch,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
     let x = Tensor::<B, 4>::from_data(TensorData::new(batch.images.clone(), batch.shape), device);
-    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(batch.labels.clone(), [batch.labels.len()]), device);
+    let y = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(batch.labels.clone(), [batch.labels.len()]),
+        device,
+    );
     (x, y)
 }
 
 /// Threads for decoding and augmentation: the configured count, capped by the machine.
 pub(crate) fn loader_threads(cfg: &Config) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     cfg.global.threads.unwrap_or(cores).clamp(1, cores.max(1))
 }
 
@@ -49,7 +57,17 @@ pub(crate) fn metric_specs(specs: &[MetricSpec], infer_model: &str) -> Vec<(Stri
     if specs.is_empty() {
         return vec![(infer_model.to_string(), vec![1, 5])];
     }
-    specs.iter().map(|m| (m.model_key.clone().unwrap_or_else(|| infer_model.to_string()), m.topk.clone())).collect()
+    specs
+        .iter()
+        .map(|m| {
+            (
+                m.model_key
+                    .clone()
+                    .unwrap_or_else(|| infer_model.to_string()),
+                m.topk.clone(),
+            )
+        })
+        .collect()
 }
 
 /// Adds top-k accuracies of `logits` to `avg`; the first metric's names are `top{k}`, later ones
@@ -61,11 +79,17 @@ pub(crate) fn add_topk<B: Backend>(
     specs: &[(String, Vec<usize>)],
 ) -> Result<()> {
     for (i, (model, ks)) in specs.iter().enumerate() {
-        let out = outputs.get(model).with_context(|| format!("Metric: no model named {model:?}"))?;
+        let out = outputs
+            .get(model)
+            .with_context(|| format!("Metric: no model named {model:?}"))?;
         let n = labels.dims()[0];
         let correct = crate::loss::functional::topk_correct(out.logits.clone(), labels.clone(), ks);
         for (k, c) in ks.iter().zip(correct) {
-            let name = if i == 0 { format!("top{k}") } else { format!("{model}_top{k}") };
+            let name = if i == 0 {
+                format!("top{k}")
+            } else {
+                format!("{model}_top{k}")
+            };
             avg.add(&name, c as f64 / n as f64, n);
         }
     }
@@ -77,25 +101,44 @@ fn fmt_eta(secs: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }
 
-type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::Sgd<<B as AutodiffBackend>::InnerBackend>, TrainableSet<B>, B>;
+type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<
+    burn::optim::Sgd<<B as AutodiffBackend>::InnerBackend>,
+    TrainableSet<B>,
+    B,
+>;
 
 /// Loads per-model `pretrained` paths and `Global.pretrained_model`.
-pub(crate) fn load_initial_weights<B: AutodiffBackend>(cfg: &Config, model: &mut DistillationModel<B>, device: &B::Device) -> Result<()> {
+pub(crate) fn load_initial_weights<B: AutodiffBackend>(
+    cfg: &Config,
+    model: &mut DistillationModel<B>,
+    device: &B::Device,
+) -> Result<()> {
     if let Some(dir) = &cfg.global.pretrained_model {
-        model.load_all(dir, device).with_context(|| format!("Global.pretrained_model = {}", dir.display()))?;
+        model
+            .load_all(dir, device)
+            .with_context(|| format!("Global.pretrained_model = {}", dir.display()))?;
         tracing::info!("initialised all models from {}", dir.display());
     }
     for spec in &cfg.arch.models {
         if let Pretrained::Path(p) = &spec.pretrained {
-            let file = checkpoint::resolve_model_file(p, &spec.key).with_context(|| format!("Arch model {}: pretrained", spec.key))?;
+            let file = checkpoint::resolve_model_file(p, &spec.key)
+                .with_context(|| format!("Arch model {}: pretrained", spec.key))?;
             model.load_model(&spec.key, &file, device)?;
-            tracing::info!("model {}: loaded pretrained weights {}", spec.key, file.display());
+            tracing::info!(
+                "model {}: loaded pretrained weights {}",
+                spec.key,
+                file.display()
+            );
         }
     }
     Ok(())
 }
 
-pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunOptions) -> Result<TrainSummary> {
+pub fn train<B: AutodiffBackend>(
+    cfg: &Config,
+    device: B::Device,
+    mut opts: RunOptions,
+) -> Result<TrainSummary> {
     super::require_trainable_weights(cfg)?;
     let g = &cfg.global;
     let rank = opts.collective.rank();
@@ -105,11 +148,17 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
     let keys: Vec<String> = model.slots.iter().map(|s| s.key.clone()).collect();
     let loss = CombinedLoss::new(&cfg.train_loss)?;
     loss.check_models(&keys.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let eval_loss = (!cfg.eval_loss.is_empty()).then(|| CombinedLoss::new(&cfg.eval_loss)).transpose()?;
+    let eval_loss = (!cfg.eval_loss.is_empty())
+        .then(|| CombinedLoss::new(&cfg.eval_loss))
+        .transpose()?;
     load_initial_weights(cfg, &mut model, &device)?;
 
     let section = cfg.train_section()?;
-    let ds = ImageNetDataset::from_list(&section.dataset.image_root, &section.dataset.cls_label_path, section.dataset.delimiter.as_deref())?;
+    let ds = ImageNetDataset::from_list(
+        &section.dataset.image_root,
+        &section.dataset.cls_label_path,
+        section.dataset.delimiter.as_deref(),
+    )?;
     check_labels(&ds, cfg, &section.dataset.cls_label_path)?;
     let transforms = crate::data::transforms::build(&section.dataset.transforms)?;
     let sampler = BatchSampler {
@@ -123,11 +172,29 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
     };
     let iters = sampler.num_batches();
     if iters == 0 {
-        bail!("{}: DataLoader.Train yields no batch ({} samples, batch_size {}, drop_last)", cfg.file.display(), ds.len(), sampler.batch_size);
+        bail!(
+            "{}: DataLoader.Train yields no batch ({} samples, batch_size {}, drop_last)",
+            cfg.file.display(),
+            ds.len(),
+            sampler.batch_size
+        );
     }
     let threads = loader_threads(cfg);
-    let loader = Loader { dataset: Arc::new(ds), transforms: Arc::new(transforms), threads, prefetch: threads * 2, seed: g.seed };
-    let eval_data = if g.eval_during_train { cfg.eval_data.as_ref().map(|_| EvalData::new(cfg, rank, world)).transpose()? } else { None };
+    let loader = Loader {
+        dataset: Arc::new(ds),
+        transforms: Arc::new(transforms),
+        threads,
+        prefetch: threads * 2,
+        seed: g.seed,
+    };
+    let eval_data = if g.eval_during_train {
+        cfg.eval_data
+            .as_ref()
+            .map(|_| EvalData::new(cfg, rank, world))
+            .transpose()?
+    } else {
+        None
+    };
 
     let opt_cfg = cfg.optimizer()?;
     let schedule = LrSchedule::new(&opt_cfg.lr, g.epochs, iters)?;
@@ -152,7 +219,9 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
         );
     }
     let train_metrics = metric_specs(&cfg.train_metric, &cfg.arch.infer_model_name);
-    let progress = opts.progress.then(|| indicatif::ProgressBar::new(iters as u64));
+    let progress = opts
+        .progress
+        .then(|| indicatif::ProgressBar::new(iters as u64));
     let main = opts.collective.is_main();
     let mut last_eval_top1 = None;
     let mut stopped = false;
@@ -179,7 +248,12 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
             let n = batch.labels.len();
             let (x, y) = batch_tensors::<B>(&batch, &device);
             let outputs = model.forward_train(x);
-            let values = loss.forward(&LossContext { outputs: &outputs, labels: y.clone(), epoch, default_model: &cfg.arch.infer_model_name })?;
+            let values = loss.forward(&LossContext {
+                outputs: &outputs,
+                labels: y.clone(),
+                epoch,
+                default_model: &cfg.arch.infer_model_name,
+            })?;
             let total: f32 = values.total.clone().into_scalar().elem();
             if !total.is_finite() {
                 bail!("loss is {total} at epoch {epoch}, iteration {i}: training diverged (lower the learning rate?)");
@@ -199,11 +273,12 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
             compute += now - step_start;
             timing.add("batch_cost", (now - tick).as_secs_f64(), 1);
             timing.add("reader_cost", reader.as_secs_f64(), 1);
+            timing.add("images", n as f64, 1);
             tick = now;
             if let Some(pb) = &progress {
                 pb.set_position(i as u64);
             }
-            if main && (i % g.print_batch_step == 0 || i == iters) {
+            if main && (i.is_multiple_of(g.print_batch_step) || i == iters) {
                 let bc = timing.get("batch_cost").unwrap_or(0.0);
                 let left = (g.epochs - epoch) * iters + (iters - i);
                 tracing::info!(
@@ -213,7 +288,7 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
                     opt_cfg.lr.name,
                     avg.format(5),
                     timing.get("reader_cost").unwrap_or(0.0),
-                    n as f64 / bc.max(1e-9),
+                    timing.get("images").unwrap_or(0.0) / bc.max(1e-9),
                     fmt_eta(bc * left as f64)
                 );
             }
@@ -227,7 +302,13 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
                 stopped = true;
                 drop(it);
                 if main {
-                    save(&model, &optim, cfg, &state, &checkpoint::checkpoint_dir(&g.output_dir, &cfg.arch.name, "latest"))?;
+                    save(
+                        &model,
+                        &optim,
+                        cfg,
+                        &state,
+                        &checkpoint::checkpoint_dir(&g.output_dir, &cfg.arch.name, "latest"),
+                    )?;
                     tracing::info!("stopped on request after epoch {epoch} iteration {i}; resumable checkpoint saved in {}/latest", arch_dir.display());
                 }
                 break 'epochs;
@@ -238,10 +319,18 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
         if main {
             tracing::info!("[Train][Epoch {epoch}/{}][Avg]{}", g.epochs, avg.format(5));
         }
-        let eval_now = epoch % g.eval_interval == 0 && epoch > g.start_eval_epoch || epoch == g.epochs;
+        let eval_now =
+            epoch % g.eval_interval == 0 && epoch > g.start_eval_epoch || epoch == g.epochs;
         let mut improved = false;
         if let (Some(data), true) = (&eval_data, eval_now) {
-            let report = evaluate(&model, data, cfg, eval_loss.as_ref(), epoch, opts.collective.as_mut())?;
+            let report = evaluate(
+                &model,
+                data,
+                cfg,
+                eval_loss.as_ref(),
+                epoch,
+                opts.collective.as_mut(),
+            )?;
             last_eval_top1 = Some(report.top1);
             if report.top1 > state.best_top1 || state.best_epoch == 0 {
                 state.best_top1 = report.top1;
@@ -257,7 +346,11 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
             save(&model, &optim, cfg, &state, &dir("latest"))?;
             if improved {
                 save(&model, &optim, cfg, &state, &dir("best_model"))?;
-                tracing::info!("[Eval][Epoch {epoch}] new best top1 {:.5}: saved {}", state.best_top1, dir("best_model").display());
+                tracing::info!(
+                    "[Eval][Epoch {epoch}] new best top1 {:.5}: saved {}",
+                    state.best_top1,
+                    dir("best_model").display()
+                );
             }
             if epoch % g.save_interval == 0 {
                 save(&model, &optim, cfg, &state, &dir(&format!("epoch_{epoch}")))?;
@@ -274,7 +367,11 @@ pub fn train<B: AutodiffBackend>(cfg: &Config, device: B::Device, mut opts: RunO
         output_dir: arch_dir,
         last_eval_top1,
         stopped_early: stopped,
-        images_per_second: if compute.is_zero() { 0.0 } else { images as f64 / wall.max(1e-9) },
+        images_per_second: if compute.is_zero() {
+            0.0
+        } else {
+            images as f64 / wall.max(1e-9)
+        },
     })
 }
 
@@ -294,25 +391,48 @@ fn check_labels(ds: &ImageNetDataset, cfg: &Config, list: &Path) -> Result<()> {
     Ok(())
 }
 
-fn save<B: AutodiffBackend>(model: &DistillationModel<B>, optim: &Optim<B>, cfg: &Config, state: &TrainState, dir: &Path) -> Result<()> {
+fn save<B: AutodiffBackend>(
+    model: &DistillationModel<B>,
+    optim: &Optim<B>,
+    cfg: &Config,
+    state: &TrainState,
+    dir: &Path,
+) -> Result<()> {
     checkpoint::write_atomic(dir, |tmp| {
         model.save(tmp)?;
-        recorder().record(optim.to_record(), tmp.join(OPTIMIZER_FILE)).context("saving optimizer state")?;
-        std::fs::write(tmp.join(checkpoint::STATE_FILE), serde_json::to_string_pretty(state)?)?;
+        recorder()
+            .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
+            .context("saving optimizer state")?;
+        std::fs::write(
+            tmp.join(checkpoint::STATE_FILE),
+            serde_json::to_string_pretty(state)?,
+        )?;
         std::fs::write(tmp.join("config.yaml"), serde_yaml::to_string(&cfg.tree)?)?;
         Ok(())
     })
 }
 
-fn resume<B: AutodiffBackend>(model: &mut DistillationModel<B>, optim: &mut Optim<B>, dir: &Path, device: &B::Device) -> Result<TrainState> {
+fn resume<B: AutodiffBackend>(
+    model: &mut DistillationModel<B>,
+    optim: &mut Optim<B>,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<TrainState> {
     let state = TrainState::read(dir)?;
     let keys: Vec<&String> = model.slots.iter().map(|s| &s.key).collect();
     if state.models.iter().collect::<Vec<_>>() != keys {
-        bail!("checkpoint {} holds models {:?}, but the config has {:?}", dir.display(), state.models, keys);
+        bail!(
+            "checkpoint {} holds models {:?}, but the config has {:?}",
+            dir.display(),
+            state.models,
+            keys
+        );
     }
     model.load_all(dir, device)?;
     let file = dir.join(OPTIMIZER_FILE);
-    let record = recorder().load(file.clone(), device).with_context(|| format!("loading optimizer state {}.mpk", file.display()))?;
+    let record = recorder()
+        .load(file.clone(), device)
+        .with_context(|| format!("loading optimizer state {}.mpk", file.display()))?;
     let fresh: Optim<B> = std::mem::replace(optim, sgd_config_placeholder());
     *optim = fresh.load_record(record);
     Ok(state)

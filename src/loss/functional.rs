@@ -20,7 +20,11 @@ fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 
 /// Cross-entropy with hard labels, mean over the batch; with `epsilon`, label smoothing
 /// `(1-ε)·onehot + ε/C` as Paddle's `label_smooth`.
-pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, epsilon: Option<f64>) -> Tensor<B, 1> {
+pub fn cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    epsilon: Option<f64>,
+) -> Tensor<B, 1> {
     let [_, c] = logits.dims();
     let mut target = one_hot(labels, c);
     if let Some(eps) = epsilon {
@@ -34,17 +38,26 @@ fn soft_cross_entropy_with<B: Backend>(log_p: Tensor<B, 2>, target: Tensor<B, 2>
 }
 
 /// Soft-label cross-entropy against a teacher: `mean_n −Σ_c softmax(z_t)·log softmax(z_s)`.
-pub fn soft_cross_entropy<B: Backend>(student: Tensor<B, 2>, teacher: Tensor<B, 2>) -> Tensor<B, 1> {
+pub fn soft_cross_entropy<B: Backend>(
+    student: Tensor<B, 2>,
+    teacher: Tensor<B, 2>,
+) -> Tensor<B, 1> {
     soft_cross_entropy_with(log_softmax(student, 1), softmax(teacher, 1))
 }
 
 /// Hinton KD: `T² · Σ p_t (log p_t − log p_s) / N` with `p = softmax(z/T)`.
-pub fn kl_div<B: Backend>(student: Tensor<B, 2>, teacher: Tensor<B, 2>, temperature: f64) -> Tensor<B, 1> {
+pub fn kl_div<B: Backend>(
+    student: Tensor<B, 2>,
+    teacher: Tensor<B, 2>,
+    temperature: f64,
+) -> Tensor<B, 1> {
     let [n, _] = student.dims();
     let log_ps = log_softmax(student.div_scalar(temperature), 1);
     let log_pt = log_softmax(teacher.div_scalar(temperature), 1);
     let pt = log_pt.clone().exp();
-    pt.mul(log_pt.sub(log_ps)).sum().mul_scalar(temperature * temperature / n as f64)
+    pt.mul(log_pt.sub(log_ps))
+        .sum()
+        .mul_scalar(temperature * temperature / n as f64)
 }
 
 /// Decoupled KD (Zhao et al. 2022): `α·TCKD + β·NCKD`.
@@ -76,22 +89,39 @@ pub fn dkd<B: Backend>(
     };
     let log_bs = binary(zs.clone());
     let log_bt = binary(zt.clone());
-    let tckd = log_bt.clone().exp().mul(log_bt.sub(log_bs)).sum().mul_scalar(scale);
+    let tckd = log_bt
+        .clone()
+        .exp()
+        .mul(log_bt.sub(log_bs))
+        .sum()
+        .mul_scalar(scale);
 
     // Non-target distributions: the target logit pushed down by 1000, as in the paper's code.
     let push = one_hot_mask_shift(&gt, 1000.0);
     let log_qs = log_softmax(zs.sub(push.clone()), 1);
     let log_qt = log_softmax(zt.sub(push), 1);
-    let nckd = log_qt.clone().exp().mul(log_qt.sub(log_qs)).sum().mul_scalar(scale);
+    let nckd = log_qt
+        .clone()
+        .exp()
+        .mul(log_qt.sub(log_qs))
+        .sum()
+        .mul_scalar(scale);
     tckd.mul_scalar(alpha).add(nckd.mul_scalar(beta))
 }
 
-fn one_hot_mask_shift<B: Backend>(gt: &Tensor<B, 2, burn::tensor::Bool>, value: f64) -> Tensor<B, 2> {
+fn one_hot_mask_shift<B: Backend>(
+    gt: &Tensor<B, 2, burn::tensor::Bool>,
+    value: f64,
+) -> Tensor<B, 2> {
     gt.clone().float().mul_scalar(value)
 }
 
 /// Top-k accuracy (fraction of samples whose label is among the k largest logits), per k.
-pub fn topk_correct<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, ks: &[usize]) -> Vec<usize> {
+pub fn topk_correct<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    ks: &[usize],
+) -> Vec<usize> {
     let [n, c] = logits.dims();
     let target = logits.clone().gather(1, labels.reshape([n, 1]));
     // Rank of the label = number of logits strictly greater than it (ties count in its favour).
@@ -103,5 +133,7 @@ pub fn topk_correct<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>,
         .convert::<i64>()
         .to_vec::<i64>()
         .expect("int data");
-    ks.iter().map(|&k| rank.iter().filter(|&&r| (r as usize) < k).count()).collect()
+    ks.iter()
+        .map(|&k| rank.iter().filter(|&&r| (r as usize) < k).count())
+        .collect()
 }

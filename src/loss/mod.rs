@@ -11,7 +11,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 /// Loss names the registry knows.
-pub const LOSSES: &[&str] = &["CELoss", "DistillationGTCELoss", "DistillationKLDivLoss", "DistillationDKDLoss"];
+pub const LOSSES: &[&str] = &[
+    "CELoss",
+    "DistillationGTCELoss",
+    "DistillationKLDivLoss",
+    "DistillationDKDLoss",
+];
 
 /// The formula of a loss entry, with its parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,7 +26,12 @@ pub enum Formula {
     /// Hinton KD; `loss_kldiv_<A>_<B>`.
     Kl { temperature: f64 },
     /// Decoupled KD with an optional linear warm-up over `warmup` epochs; `loss_dkd_<A>_<B>`.
-    Dkd { temperature: f64, alpha: f64, beta: f64, warmup: Option<f64> },
+    Dkd {
+        temperature: f64,
+        alpha: f64,
+        beta: f64,
+        warmup: Option<f64>,
+    },
 }
 
 /// Which model outputs a loss reads.
@@ -60,8 +70,18 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
     let p = &spec.params;
     let e = |m: String| anyhow!("{}", p.error(m));
     let (formula, known): (Formula, &[&str]) = match spec.name.as_str() {
-        "CELoss" | "DistillationGTCELoss" => (Formula::GtCe { epsilon: p.f64("epsilon")? }, &["epsilon"]),
-        "DistillationKLDivLoss" => (Formula::Kl { temperature: p.f64_or("temperature", 4.0)? }, &["temperature"]),
+        "CELoss" | "DistillationGTCELoss" => (
+            Formula::GtCe {
+                epsilon: p.f64("epsilon")?,
+            },
+            &["epsilon"],
+        ),
+        "DistillationKLDivLoss" => (
+            Formula::Kl {
+                temperature: p.f64_or("temperature", 4.0)?,
+            },
+            &["temperature"],
+        ),
         "DistillationDKDLoss" => (
             Formula::Dkd {
                 temperature: p.f64_or("temperature", 1.0)?,
@@ -71,16 +91,26 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
             },
             &["temperature", "alpha", "beta", "warmup", "use_target_as_gt"],
         ),
-        other => bail!("{}", p.error(format!("unknown loss {other:?}; known losses: {}", LOSSES.join(", ")))),
+        other => bail!(
+            "{}",
+            p.error(format!(
+                "unknown loss {other:?}; known losses: {}",
+                LOSSES.join(", ")
+            ))
+        ),
     };
     match &formula {
         Formula::Kl { temperature } | Formula::Dkd { temperature, .. } if *temperature <= 0.0 => {
-            return Err(e(format!("temperature must be positive, got {temperature}")));
+            return Err(e(format!(
+                "temperature must be positive, got {temperature}"
+            )));
         }
         Formula::GtCe { epsilon: Some(eps) } if !(0.0..1.0).contains(eps) => {
             return Err(e(format!("epsilon must be in [0, 1), got {eps}")));
         }
-        Formula::Dkd { warmup: Some(w), .. } if *w <= 0.0 => return Err(e(format!("warmup must be positive, got {w}"))),
+        Formula::Dkd {
+            warmup: Some(w), ..
+        } if *w <= 0.0 => return Err(e(format!("warmup must be positive, got {w}"))),
         _ => {}
     }
     let mut known = known.to_vec();
@@ -89,26 +119,54 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
     let binding = binding(spec, p)?;
     let pair_loss = !matches!(formula, Formula::GtCe { .. });
     match (&binding, pair_loss) {
-        (Binding::Pairs(_), false) => bail!("{}", p.error(format!("{} takes model_names, not model_name_pairs", spec.name))),
+        (Binding::Pairs(_), false) => bail!(
+            "{}",
+            p.error(format!(
+                "{} takes model_names, not model_name_pairs",
+                spec.name
+            ))
+        ),
         (Binding::Models(_), true) | (Binding::Plain, true) => {
-            bail!("{}", p.error(format!("{} needs model_name_pairs: [[Student, Teacher]]", spec.name)))
+            bail!(
+                "{}",
+                p.error(format!(
+                    "{} needs model_name_pairs: [[Student, Teacher]]",
+                    spec.name
+                ))
+            )
         }
         _ => {}
     }
     let key = p.str("key")?;
     if let Some(k) = &key {
         if k != "logits" {
-            bail!("{}", p.require("key")?.error(format!("{} reads logits; key {k:?} names a feature map", spec.name)));
+            bail!(
+                "{}",
+                p.require("key")?.error(format!(
+                    "{} reads logits; key {k:?} names a feature map",
+                    spec.name
+                ))
+            );
         }
     }
-    Ok(LossTerm { config_name: spec.name.clone(), weight: spec.weight, formula, binding, key })
+    Ok(LossTerm {
+        config_name: spec.name.clone(),
+        weight: spec.weight,
+        formula,
+        binding,
+        key,
+    })
 }
 
 fn binding(spec: &LossSpec, p: &Node) -> Result<Binding> {
     if let Some(pairs) = p.get("model_name_pairs") {
         let mut out = vec![];
         for item in pairs.items()? {
-            let names = item.items()?.iter().map(Node::as_str).collect::<Result<Vec<_>, _>>()?;
+            let names = item
+                .items()?
+                .iter()
+                .map(Node::as_str)
+                .collect::<Result<Vec<_>, _>>()?;
             match names.as_slice() {
                 [a, b] => out.push((a.clone(), b.clone())),
                 _ => bail!("{}", item.error("each pair must be [model_a, model_b]")),
@@ -120,7 +178,13 @@ fn binding(spec: &LossSpec, p: &Node) -> Result<Binding> {
         return Ok(Binding::Models(names));
     }
     if spec.name.starts_with("Distillation") {
-        bail!("{}", p.error(format!("{} needs model_names or model_name_pairs", spec.name)));
+        bail!(
+            "{}",
+            p.error(format!(
+                "{} needs model_names or model_name_pairs",
+                spec.name
+            ))
+        );
     }
     Ok(Binding::Plain)
 }
@@ -142,7 +206,9 @@ impl CombinedLoss {
         if specs.is_empty() {
             bail!("no losses configured (Loss.Train is empty)");
         }
-        Ok(CombinedLoss { terms: specs.iter().map(build_term).collect::<Result<_>>()? })
+        Ok(CombinedLoss {
+            terms: specs.iter().map(build_term).collect::<Result<_>>()?,
+        })
     }
 
     /// Checks that every model a loss names exists.
@@ -155,7 +221,11 @@ impl CombinedLoss {
             };
             for n in names {
                 if !models.contains(&n.as_str()) {
-                    bail!("loss {} refers to model {n:?}, but the models are: {}", t.config_name, models.join(", "));
+                    bail!(
+                        "loss {} refers to model {n:?}, but the models are: {}",
+                        t.config_name,
+                        models.join(", ")
+                    );
                 }
             }
         }
@@ -164,7 +234,11 @@ impl CombinedLoss {
 
     /// The names of the logged terms, in order (for `check`).
     pub fn term_names(&self) -> Vec<String> {
-        self.terms.iter().flat_map(|t| term_names(t)).chain(["loss".to_string()]).collect()
+        self.terms
+            .iter()
+            .flat_map(term_names)
+            .chain(["loss".to_string()])
+            .collect()
     }
 
     pub fn forward<B: Backend>(&self, ctx: &LossContext<B>) -> Result<LossValues<B>> {
@@ -174,7 +248,11 @@ impl CombinedLoss {
         let mut total: Option<Tensor<B, 1>> = None;
         for t in &self.terms {
             for (name, value) in evaluate(t, ctx)? {
-                let weighted = if apply_weights { value.mul_scalar(t.weight) } else { value };
+                let weighted = if apply_weights {
+                    value.mul_scalar(t.weight)
+                } else {
+                    value
+                };
                 total = Some(match total {
                     Some(s) => s.add(weighted.clone()),
                     None => weighted.clone(),
@@ -182,7 +260,10 @@ impl CombinedLoss {
                 terms.push((name, weighted));
             }
         }
-        Ok(LossValues { terms, total: total.expect("at least one term") })
+        Ok(LossValues {
+            terms,
+            total: total.expect("at least one term"),
+        })
     }
 }
 
@@ -204,27 +285,54 @@ fn term_names(t: &LossTerm) -> Vec<String> {
 }
 
 fn logits<'a, B: Backend>(ctx: &'a LossContext<B>, name: &str) -> Result<&'a ModelOutput<B>> {
-    ctx.outputs.get(name).ok_or_else(|| anyhow!("no output for model {name:?}"))
+    ctx.outputs
+        .get(name)
+        .ok_or_else(|| anyhow!("no output for model {name:?}"))
 }
 
 fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(String, Tensor<B, 1>)>> {
     let names = term_names(t);
     let values: Vec<Tensor<B, 1>> = match (&t.binding, &t.formula) {
         (Binding::Plain, Formula::GtCe { epsilon }) => {
-            vec![functional::cross_entropy(logits(ctx, ctx.default_model)?.logits.clone(), ctx.labels.clone(), *epsilon)]
+            vec![functional::cross_entropy(
+                logits(ctx, ctx.default_model)?.logits.clone(),
+                ctx.labels.clone(),
+                *epsilon,
+            )]
         }
         (Binding::Models(ms), Formula::GtCe { epsilon }) => ms
             .iter()
-            .map(|m| Ok(functional::cross_entropy(logits(ctx, m)?.logits.clone(), ctx.labels.clone(), *epsilon)))
+            .map(|m| {
+                Ok(functional::cross_entropy(
+                    logits(ctx, m)?.logits.clone(),
+                    ctx.labels.clone(),
+                    *epsilon,
+                ))
+            })
             .collect::<Result<_>>()?,
         (Binding::Pairs(ps), f) => ps
             .iter()
             .map(|(a, b)| {
-                let (s, tch) = (logits(ctx, a)?.logits.clone(), logits(ctx, b)?.logits.clone());
+                let (s, tch) = (
+                    logits(ctx, a)?.logits.clone(),
+                    logits(ctx, b)?.logits.clone(),
+                );
                 Ok(match f {
                     Formula::Kl { temperature } => functional::kl_div(s, tch, *temperature),
-                    Formula::Dkd { temperature, alpha, beta, warmup } => {
-                        let v = functional::dkd(s, tch, ctx.labels.clone(), *temperature, *alpha, *beta);
+                    Formula::Dkd {
+                        temperature,
+                        alpha,
+                        beta,
+                        warmup,
+                    } => {
+                        let v = functional::dkd(
+                            s,
+                            tch,
+                            ctx.labels.clone(),
+                            *temperature,
+                            *alpha,
+                            *beta,
+                        );
                         match warmup {
                             Some(w) => v.mul_scalar((ctx.epoch as f64 / w).min(1.0)),
                             None => v,

@@ -10,10 +10,19 @@ pub const SCHEDULES: &[&str] = &["ConstLR", "MultiStepDecay", "Piecewise", "Cosi
 enum Shape {
     Const,
     /// Decay by `gamma` at each boundary (in steps).
-    Multi { boundaries: Vec<usize>, gamma: f64 },
+    Multi {
+        boundaries: Vec<usize>,
+        gamma: f64,
+    },
     /// Explicit value per interval.
-    Piecewise { boundaries: Vec<usize>, values: Vec<f64> },
-    Cosine { total: usize, eta_min: f64 },
+    Piecewise {
+        boundaries: Vec<usize>,
+        values: Vec<f64>,
+    },
+    Cosine {
+        total: usize,
+        eta_min: f64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -31,23 +40,41 @@ impl LrSchedule {
     /// `iters_per_epoch` is injected like PaddleClas's `step_each_epoch` (the YAML value is ignored).
     pub fn new(cfg: &LrConfig, epochs: usize, iters_per_epoch: usize) -> ConfigResult<Self> {
         let p = &cfg.params;
-        let spe = if cfg.by_epoch { 1 } else { iters_per_epoch.max(1) };
+        let spe = if cfg.by_epoch {
+            1
+        } else {
+            iters_per_epoch.max(1)
+        };
         let warmup_steps = (cfg.warmup_epoch * spe as f64).round() as usize;
         let epochs_to_steps = |v: Vec<usize>| v.into_iter().map(|e| e * spe).collect::<Vec<_>>();
         let shape = match cfg.name.as_str() {
             "ConstLR" | "Constant" => Shape::Const,
             "MultiStepDecay" => {
-                let m = p.usize_list("milestones")?.ok_or_else(|| p.error("milestones: missing (required)"))?;
-                Shape::Multi { boundaries: epochs_to_steps(m), gamma: p.f64_or("gamma", 0.1)? }
+                let m = p
+                    .usize_list("milestones")?
+                    .ok_or_else(|| p.error("milestones: missing (required)"))?;
+                Shape::Multi {
+                    boundaries: epochs_to_steps(m),
+                    gamma: p.f64_or("gamma", 0.1)?,
+                }
             }
             "Step" => {
-                let step = p.usize("step_size")?.ok_or_else(|| p.error("step_size: missing (required)"))?;
+                let step = p
+                    .usize("step_size")?
+                    .ok_or_else(|| p.error("step_size: missing (required)"))?;
                 let b = (1..=epochs / step.max(1)).map(|k| k * step).collect();
-                Shape::Multi { boundaries: epochs_to_steps(b), gamma: p.f64_or("gamma", 0.1)? }
+                Shape::Multi {
+                    boundaries: epochs_to_steps(b),
+                    gamma: p.f64_or("gamma", 0.1)?,
+                }
             }
             "Piecewise" => {
-                let b = p.usize_list("decay_epochs")?.ok_or_else(|| p.error("decay_epochs: missing (required)"))?;
-                let values = p.f64_list("values")?.ok_or_else(|| p.error("values: missing (required)"))?;
+                let b = p
+                    .usize_list("decay_epochs")?
+                    .ok_or_else(|| p.error("decay_epochs: missing (required)"))?;
+                let values = p
+                    .f64_list("values")?
+                    .ok_or_else(|| p.error("values: missing (required)"))?;
                 if values.len() != b.len() + 1 {
                     return Err(p.error(format!(
                         "Piecewise needs one more value than decay_epochs ({} values, {} boundaries)",
@@ -55,14 +82,20 @@ impl LrSchedule {
                         b.len()
                     )));
                 }
-                Shape::Piecewise { boundaries: epochs_to_steps(b), values }
+                Shape::Piecewise {
+                    boundaries: epochs_to_steps(b),
+                    values,
+                }
             }
             "Cosine" => Shape::Cosine {
                 total: ((epochs as f64 - cfg.warmup_epoch).max(1.0) * spe as f64) as usize,
                 eta_min: p.f64_or("eta_min", 0.0)?,
             },
             other => {
-                return Err(p.error(format!("unknown lr schedule {other:?}; known: {}", SCHEDULES.join(", "))));
+                return Err(p.error(format!(
+                    "unknown lr schedule {other:?}; known: {}",
+                    SCHEDULES.join(", ")
+                )));
             }
         };
         // PaddleClas's Piecewise takes its first value as the base rate.
@@ -70,14 +103,22 @@ impl LrSchedule {
             Shape::Piecewise { values, .. } => values[0],
             _ => cfg.learning_rate,
         };
-        Ok(LrSchedule { base, warmup_steps, warmup_start: cfg.warmup_start_lr, shape, steps_per_epoch: spe, by_epoch: cfg.by_epoch })
+        Ok(LrSchedule {
+            base,
+            warmup_steps,
+            warmup_start: cfg.warmup_start_lr,
+            shape,
+            steps_per_epoch: spe,
+            by_epoch: cfg.by_epoch,
+        })
     }
 
     /// The rate at global iteration `iter` (0-based) during epoch `epoch` (0-based).
     pub fn at(&self, iter: usize, epoch: usize) -> f64 {
         let step = if self.by_epoch { epoch } else { iter };
         if step < self.warmup_steps {
-            return self.warmup_start + (self.base - self.warmup_start) * step as f64 / self.warmup_steps as f64;
+            return self.warmup_start
+                + (self.base - self.warmup_start) * step as f64 / self.warmup_steps as f64;
         }
         let t = step - self.warmup_steps;
         match &self.shape {
@@ -85,10 +126,15 @@ impl LrSchedule {
             Shape::Multi { boundaries, gamma } => {
                 self.base * gamma.powi(boundaries.iter().filter(|&&b| t >= b).count() as i32)
             }
-            Shape::Piecewise { boundaries, values } => values[boundaries.iter().filter(|&&b| t >= b).count()],
+            Shape::Piecewise { boundaries, values } => {
+                values[boundaries.iter().filter(|&&b| t >= b).count()]
+            }
             Shape::Cosine { total, eta_min } => {
                 let t = t.min(*total) as f64;
-                eta_min + (self.base - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * t / *total as f64).cos())
+                eta_min
+                    + (self.base - eta_min)
+                        * 0.5
+                        * (1.0 + (std::f64::consts::PI * t / *total as f64).cos())
             }
         }
     }
@@ -120,7 +166,11 @@ mod tests {
 
     #[test]
     fn multistep_per_iteration() {
-        let s = lr("{name: MultiStepDecay, learning_rate: 0.2, milestones: [2, 4], gamma: 0.1}", 6, 10);
+        let s = lr(
+            "{name: MultiStepDecay, learning_rate: 0.2, milestones: [2, 4], gamma: 0.1}",
+            6,
+            10,
+        );
         assert_eq!(s.at(19, 1), 0.2);
         assert!((s.at(20, 2) - 0.02).abs() < 1e-12);
         assert!((s.at(45, 4) - 0.002).abs() < 1e-12);
@@ -136,7 +186,11 @@ mod tests {
 
     #[test]
     fn cosine_with_warmup() {
-        let s = lr("{name: Cosine, learning_rate: 1.0, warmup_epoch: 1, warmup_start_lr: 0.0}", 3, 4);
+        let s = lr(
+            "{name: Cosine, learning_rate: 1.0, warmup_epoch: 1, warmup_start_lr: 0.0}",
+            3,
+            4,
+        );
         assert_eq!(s.at(0, 0), 0.0);
         assert_eq!(s.at(2, 0), 0.5);
         assert_eq!(s.at(4, 1), 1.0); // warm-up done, cosine starts at the base rate
@@ -146,7 +200,11 @@ mod tests {
 
     #[test]
     fn by_epoch_steps_once_per_epoch() {
-        let s = lr("{name: MultiStepDecay, learning_rate: 1.0, milestones: [1], by_epoch: True}", 2, 100);
+        let s = lr(
+            "{name: MultiStepDecay, learning_rate: 1.0, milestones: [1], by_epoch: True}",
+            2,
+            100,
+        );
         assert_eq!(s.at(99, 0), 1.0);
         assert!((s.at(100, 1) - 0.1).abs() < 1e-12);
     }

@@ -15,10 +15,20 @@ pub const OPTIMIZERS: &[&str] = &["Momentum", "SGD"];
 /// (no dampening: burn's default dampening of 0.1 is Paddle-incompatible), `w -= lr·v`.
 pub fn sgd_config(cfg: &OptimizerConfig) -> Result<SgdConfig> {
     let momentum = match cfg.name.as_str() {
-        "Momentum" => Some(MomentumConfig::new().with_momentum(cfg.momentum).with_dampening(0.0).with_nesterov(cfg.use_nesterov)),
+        "Momentum" => Some(
+            MomentumConfig::new()
+                .with_momentum(cfg.momentum)
+                .with_dampening(0.0)
+                .with_nesterov(cfg.use_nesterov),
+        ),
         "SGD" => None,
-        other => bail!("Optimizer.name: unknown optimizer {other:?}; known: {}", OPTIMIZERS.join(", ")),
+        other => bail!(
+            "Optimizer.name: unknown optimizer {other:?}; known: {}",
+            OPTIMIZERS.join(", ")
+        ),
     };
     let decay = (cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32));
-    Ok(SgdConfig::new().with_momentum(momentum).with_weight_decay(decay))
+    Ok(SgdConfig::new()
+        .with_momentum(momentum)
+        .with_weight_decay(decay))
 }

@@ -1,0 +1,93 @@
+//! Benchmark of one KD training step (frozen teacher forward, student forward/backward, CE + KL,
+//! Momentum step) on the CPU backend with random data — the Rust side of
+//! `bench/torch_kd_step.py`. Run: `cargo run --release --example kd_step -- --steps 5`.
+
+use kd_engine::arch::{layers, DistillationModel, TrainableSet};
+use kd_engine::burn::optim::{GradientsParams, Optimizer};
+use kd_engine::burn::tensor::{Distribution, Int, Tensor, TensorData};
+use kd_engine::config::Config;
+use kd_engine::engine::CpuBackend as B;
+use kd_engine::loss::{CombinedLoss, LossContext};
+use std::path::Path;
+use std::time::Instant;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    let batch: usize = arg("--batch", "64").parse()?;
+    let size: usize = arg("--size", "32").parse()?;
+    let classes: usize = arg("--classes", "100").parse()?;
+    let steps: usize = arg("--steps", "5").parse()?;
+    let warmup: usize = arg("--warmup", "1").parse()?;
+    let threads: usize = arg("--threads", "1").parse()?;
+    let (teacher, student, stem) = (
+        arg("--teacher", "ResNet34"),
+        arg("--student", "ResNet18"),
+        arg("--stem", "cifar"),
+    );
+    let conv = arg("--conv", "matmul");
+    layers::set_conv_as_matmul(conv == "matmul");
+    kd_engine::engine::init_cpu_threads(Some(threads));
+    let no_teacher = teacher == "none";
+    let yaml = if no_teacher {
+        format!("Arch: {{name: {student}, class_num: {classes}, stem: {stem}}}\nLoss:\n  Train:\n    - CELoss: {{weight: 1.0}}\n")
+    } else {
+        format!(
+            "Arch:\n  name: DistillationModel\n  class_num: {classes}\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {{name: {teacher}, stem: {stem}}}\n    - Student: {{name: {student}, stem: {stem}}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n"
+        )
+    };
+    let tree = kd_engine::config::parse_yaml(&yaml, Path::new("bench.yaml"))?;
+    let cfg = Config::from_tree(tree, Path::new("bench.yaml"), vec![])?;
+    let device = Default::default();
+    let mut model = DistillationModel::<B>::new(&cfg.arch, false, &device)?;
+    let loss = CombinedLoss::new(&cfg.train_loss)?;
+    let mut optim = kd_engine::burn::optim::SgdConfig::new()
+        .with_momentum(Some(
+            kd_engine::burn::optim::momentum::MomentumConfig::new()
+                .with_momentum(0.9)
+                .with_dampening(0.0),
+        ))
+        .with_weight_decay(Some(kd_engine::burn::optim::decay::WeightDecayConfig::new(
+            1e-4,
+        )))
+        .init::<B, TrainableSet<B>>();
+    let labels: Vec<i64> = (0..batch).map(|i| (i * 7 % classes) as i64).collect();
+    let mut timed = 0.0;
+    let mut last = 0.0f32;
+    for step in 0..warmup + steps {
+        let x = Tensor::<B, 4>::random(
+            [batch, 3, size, size],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels.clone(), [batch]), &device);
+        let start = Instant::now();
+        let outputs = model.forward_train(x);
+        let values = loss.forward(&LossContext {
+            outputs: &outputs,
+            labels: y,
+            epoch: 1,
+            default_model: &cfg.arch.infer_model_name,
+        })?;
+        last = values.total.clone().into_data().to_vec::<f32>().unwrap()[0];
+        let grads = GradientsParams::from_grads(values.total.backward(), &model.trainable);
+        model.trainable = optim.step(0.1, model.trainable, grads);
+        let dt = start.elapsed().as_secs_f64();
+        if step >= warmup {
+            timed += dt;
+        }
+    }
+    println!("last loss={last:.4}");
+    println!(
+        "RESULT kd_launch_kd_step img_per_s={:.3} step_s={:.6} threads={threads} batch={batch} conv={conv} teacher={teacher} student={student}",
+        (batch * steps) as f64 / timed,
+        timed / steps as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! End to end through the real binary: train a teacher, distill a student (KD), evaluate, export,
+//! infer from the export, and resume a stopped run to the same final state (bitwise: the
+//! schedule here does not depend on the epoch count, and augmentation is seeded per sample).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kd-launch");
+
+/// A small, learnable dataset: class k images are noisy horizontal bands at row band k.
+fn make_dataset(root: &Path, per_class: usize, classes: usize) {
+    let mut seed = 12345u64;
+    let mut rnd = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    for (split, n) in [("train", per_class), ("val", per_class / 2)] {
+        std::fs::create_dir_all(root.join(split)).unwrap();
+        let mut list = String::new();
+        for k in 0..classes {
+            for i in 0..n {
+                let img = image::RgbImage::from_fn(20, 18, |_, y| {
+                    let on = (y as usize * classes / 18) == k;
+                    let v = if on { 200 } else { 40 } + (rnd() % 40) as u8;
+                    image::Rgb([v, v / 2, 255 - v])
+                });
+                let rel = format!("{split}/{k}_{i}.png");
+                img.save(root.join(&rel)).unwrap();
+                list.push_str(&format!("{rel} {k}\n"));
+            }
+        }
+        std::fs::write(root.join(format!("{split}_list.txt")), list).unwrap();
+    }
+    std::fs::write(
+        root.join("labels.txt"),
+        (0..classes)
+            .map(|k| format!("{k} band{k}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+}
+
+fn data_section(root: &Path) -> String {
+    let r = root.display();
+    format!(
+        r#"
+DataLoader:
+  Train:
+    dataset:
+      name: ImageNetDataset
+      image_root: {r}
+      cls_label_path: {r}/train_list.txt
+      transform_ops:
+        - DecodeImage: {{to_rgb: True}}
+        - RandCropImage: {{size: 16, scale: [0.6, 1.0]}}
+        - RandFlipImage: {{flip_code: 1}}
+        - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], order: ''}}
+    sampler: {{name: DistributedBatchSampler, batch_size: 8, drop_last: False, shuffle: True}}
+    loader: {{num_workers: 2}}
+  Eval:
+    dataset:
+      name: ImageNetDataset
+      image_root: {r}
+      cls_label_path: {r}/val_list.txt
+      transform_ops:
+        - DecodeImage: {{to_rgb: True}}
+        - ResizeImage: {{resize_short: 18}}
+        - CropImage: {{size: 16}}
+        - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], order: ''}}
+    sampler: {{name: DistributedBatchSampler, batch_size: 8, drop_last: False, shuffle: False}}
+Infer:
+  infer_imgs: {r}/val
+  batch_size: 4
+  transforms:
+    - DecodeImage: {{to_rgb: True}}
+    - ResizeImage: {{resize_short: 18}}
+    - CropImage: {{size: 16}}
+    - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], order: ''}}
+    - ToCHWImage:
+  PostProcess: {{name: Topk, topk: 2, class_id_map_file: {r}/labels.txt}}
+Optimizer:
+  name: Momentum
+  momentum: 0.9
+  weight_decay: 1e-4
+  lr: {{name: MultiStepDecay, learning_rate: 0.05, milestones: [1], gamma: 0.5}}
+"#
+    )
+}
+
+fn global(out: &Path, epochs: usize) -> String {
+    format!(
+        "Global:\n  output_dir: {o}\n  device: cpu\n  seed: 7\n  epochs: {epochs}\n  eval_interval: 1\n  save_interval: 1\n  print_batch_step: 2\n  image_shape: [3, 16, 16]\n  save_inference_dir: {o}/inference\n",
+        o = out.display()
+    )
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("KD_THREADS", "2")
+        .output()
+        .expect("kd-launch runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kd-launch {args:?} failed:\n{text}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+fn infer_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn train_distill_eval_export_infer_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 8, 3);
+    let d = data_section(&data);
+
+    // 1. Teacher alone.
+    let t_out = tmp.path().join("teacher");
+    let teacher = write(
+        &tmp.path().join("teacher.yaml"),
+        &format!("{}Arch: {{name: resnet8, class_num: 3}}\nLoss:\n  Train:\n    - CELoss: {{weight: 1.0}}\n  Eval:\n    - CELoss: {{weight: 1.0}}\n{d}", global(&t_out, 2)),
+    );
+    run(&["train", "-c", teacher.to_str().unwrap()]);
+    for name in ["latest", "best_model", "epoch_1", "epoch_2"] {
+        let dir = t_out.join("resnet8").join(name);
+        for f in ["model.mpk", "optimizer.mpk", "state.json", "config.yaml"] {
+            assert!(dir.join(f).is_file(), "missing {}/{f}", dir.display());
+        }
+    }
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(t_out.join("resnet8/latest/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["epoch"], 2);
+    assert_eq!(state["global_step"], 6); // 24 images / batch 8 × 2 epochs
+
+    // 2. KD student from the frozen teacher.
+    let teacher_ckpt = t_out.join("resnet8/best_model");
+    let kd_cfg = |out: &Path, epochs: usize| {
+        format!(
+            "{}Arch:\n  name: DistillationModel\n  class_num: 3\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {{name: resnet8, pretrained: {}}}\n    - Student: {{name: resnet8}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n  Eval:\n    - CELoss: {{weight: 1.0}}\nMetric:\n  Eval:\n    - DistillationTopkAcc: {{model_key: Student, topk: [1, 2]}}\n{d}",
+            global(out, epochs),
+            teacher_ckpt.display()
+        )
+    };
+    let kd_out = tmp.path().join("kd");
+    let kd = write(&tmp.path().join("kd.yaml"), &kd_cfg(&kd_out, 2));
+    let kd = kd.to_str().unwrap();
+    let check = run(&["check", "-c", kd]);
+    assert!(
+        check.contains("loss_kldiv_Student_Teacher") && check.contains("frozen"),
+        "{check}"
+    );
+    run(&["train", "-c", kd]);
+    let best = kd_out.join("DistillationModel/best_model");
+    assert!(best.join("Teacher.mpk").is_file() && best.join("Student.mpk").is_file());
+
+    // 3. Eval of the saved checkpoint.
+    let ev = run(&[
+        "eval",
+        "-c",
+        kd,
+        "-o",
+        &format!("Global.pretrained_model={}", best.display()),
+    ]);
+    assert!(ev.contains("top1"), "{ev}");
+
+    // 4. Export, then infer from the export alone and from config + checkpoint: same answers.
+    let exp = run(&[
+        "export",
+        "-c",
+        kd,
+        "-o",
+        &format!("Global.pretrained_model={}", best.display()),
+    ]);
+    assert!(exp.contains("exported model Student"), "{exp}");
+    let inf_dir = kd_out.join("inference");
+    assert!(
+        inf_dir.join("inference.safetensors").is_file() && inf_dir.join("inference.json").is_file()
+    );
+    let from_export = infer_lines(&run(&[
+        "infer",
+        "--model",
+        inf_dir.to_str().unwrap(),
+        "--images",
+        data.join("val").to_str().unwrap(),
+    ]));
+    let from_config = infer_lines(&run(&[
+        "infer",
+        "-c",
+        kd,
+        "-o",
+        &format!("Global.pretrained_model={}", best.display()),
+    ]));
+    assert_eq!(from_export.len(), 12);
+    assert_eq!(from_export.len(), from_config.len());
+    for (a, b) in from_export.iter().zip(&from_config) {
+        assert_eq!(a["file_name"], b["file_name"]);
+        assert_eq!(a["class_ids"], b["class_ids"]);
+        let sa: Vec<f64> = serde_json::from_value(a["scores"].clone()).unwrap();
+        let sb: Vec<f64> = serde_json::from_value(b["scores"].clone()).unwrap();
+        assert_eq!(sa.len(), 2);
+        assert!(sa[0] >= sa[1] && sa[0] <= 1.0 && sa[1] >= 0.0);
+        for (x, y) in sa.iter().zip(&sb) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+        let names: Vec<String> = serde_json::from_value(a["label_names"].clone()).unwrap();
+        assert!(names[0].starts_with("band"));
+    }
+
+    // 5. Resume: 1 epoch, then resume to 2 epochs == 2 epochs straight (same seed).
+    let r_out = tmp.path().join("resumed");
+    let r_cfg = write(&tmp.path().join("resume.yaml"), &kd_cfg(&r_out, 2));
+    let r_cfg = r_cfg.to_str().unwrap();
+    run(&["train", "-c", r_cfg, "-o", "Global.epochs=1"]);
+    let latest = r_out.join("DistillationModel/latest");
+    run(&[
+        "train",
+        "-c",
+        r_cfg,
+        "-o",
+        &format!("Global.checkpoints={}", latest.display()),
+    ]);
+    // Records carry random parameter ids, so compare the weights through exports (names → values).
+    let export_of = |ckpt: &Path, dir: &Path| {
+        run(&[
+            "export",
+            "-c",
+            r_cfg,
+            "-o",
+            &format!("Global.pretrained_model={}", ckpt.display()),
+            &format!("Global.save_inference_dir={}", dir.display()),
+        ]);
+        std::fs::read(dir.join("inference.safetensors")).unwrap()
+    };
+    let straight = export_of(
+        &kd_out.join("DistillationModel/latest"),
+        &tmp.path().join("exp_straight"),
+    );
+    let resumed = export_of(&latest, &tmp.path().join("exp_resumed"));
+    assert!(
+        straight == resumed,
+        "resumed run's student differs from the uninterrupted run's"
+    );
+    let s1: Value =
+        serde_json::from_str(&std::fs::read_to_string(latest.join("state.json")).unwrap()).unwrap();
+    assert_eq!(s1["epoch"], 2);
+}
+
+#[test]
+fn bad_inputs_fail_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &tmp.path().join("c.yaml"),
+        "Arch: {name: resnet8}\nLoss:\n  Train:\n    - DistillationDKDLoss: {temperature: abc}\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "-c", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("c.yaml") && err.contains("Loss.Train[0].DistillationDKDLoss.temperature"),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "check",
+            "-c",
+            cfg.to_str().unwrap(),
+            "-o",
+            "Arch.name=ResNet19",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown backbone") && err.contains("ResNet18"),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "check",
+            "-c",
+            tmp.path().join("missing.yaml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
+}
