@@ -31,8 +31,8 @@ fn main() -> anyhow::Result<()> {
         arg("--student", "ResNet18"),
         arg("--stem", "cifar"),
     );
-    let conv = arg("--conv", "matmul");
-    layers::set_conv_as_matmul(conv == "matmul");
+    let conv = arg("--conv", "kd");
+    layers::set_cpu_conv(conv == "kd");
     kd_engine::engine::init_cpu_threads(Some(threads));
     let no_teacher = teacher == "none";
     let yaml = if no_teacher {

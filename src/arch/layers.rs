@@ -8,71 +8,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether convolutions run as im2col + one batched matmul (see [`conv_as_matmul`]) rather than
-/// the backend's own convolution. Set per run from the device: on the CPU backend the matmul
-/// form's backward pass avoids burn's strided copies and its direct transposed convolution.
-static CONV_AS_MATMUL: AtomicBool = AtomicBool::new(false);
+/// Whether training convolutions on the CPU backend use [`super::cpu_conv`] (on by default).
+static CPU_CONV: AtomicBool = AtomicBool::new(true);
 
-pub fn set_conv_as_matmul(on: bool) {
-    CONV_AS_MATMUL.store(on, Ordering::Relaxed);
-}
-
-pub fn conv_as_matmul_enabled() -> bool {
-    CONV_AS_MATMUL.load(Ordering::Relaxed)
-}
-
-/// Convolution (square kernel, no bias, groups 1) as im2col built from shifted strided slices of
-/// the zero-padded input, then `W[Cout, Cin·k²] @ cols[N, Cin·k², Ho·Wo]`. Every piece is a
-/// plain tensor op, so autodiff's backward is two matmuls plus slice scatters, with NCHW kept
-/// contiguous throughout.
-pub fn conv_as_matmul<B: Backend>(
-    x: Tensor<B, 4>,
-    weight: Tensor<B, 4>,
-    stride: usize,
-    pad: usize,
-) -> Tensor<B, 4> {
-    let [n, cin, h, w] = x.dims();
-    let [cout, _, k, _] = weight.dims();
-    let ho = (h + 2 * pad - k) / stride + 1;
-    let wo = (w + 2 * pad - k) / stride + 1;
-    let xp = if pad > 0 {
-        Tensor::zeros([n, cin, h + 2 * pad, w + 2 * pad], &x.device())
-            .slice_assign([0..n, 0..cin, pad..pad + h, pad..pad + w], x)
-    } else {
-        x
-    };
-    let window = |i: usize, j: usize| {
-        let rows = burn::tensor::Slice::new(
-            i as isize,
-            Some((i + stride * (ho - 1) + 1) as isize),
-            stride as isize,
-        );
-        let cols = burn::tensor::Slice::new(
-            j as isize,
-            Some((j + stride * (wo - 1) + 1) as isize),
-            stride as isize,
-        );
-        xp.clone().slice([
-            burn::tensor::Slice::from(0..n),
-            burn::tensor::Slice::from(0..cin),
-            rows,
-            cols,
-        ])
-    };
-    let cols = if k == 1 {
-        window(0, 0).reshape([n, cin, ho * wo])
-    } else {
-        let taps: Vec<Tensor<B, 4>> = (0..k)
-            .flat_map(|i| (0..k).map(move |j| (i, j)))
-            .map(|(i, j)| window(i, j))
-            .collect();
-        // [N, Cin, k², Ho, Wo] matches the weight's [Cout, Cin, k, k] order.
-        Tensor::stack::<5>(taps, 2).reshape([n, cin * k * k, ho * wo])
-    };
-    weight
-        .reshape([1, cout, cin * k * k])
-        .matmul(cols)
-        .reshape([n, cout, ho, wo])
+/// Chooses between kd-launch's CPU convolution and burn's own (for comparisons).
+pub fn set_cpu_conv(on: bool) {
+    CPU_CONV.store(on, Ordering::Relaxed);
 }
 
 /// How BatchNorm layers normalise in a forward pass.
@@ -121,7 +62,9 @@ impl<B: Backend> BatchNorm2d<B> {
                 // [N, C, HW] is a free view of the contiguous activation.
                 let flat = x.clone().reshape([n, c, h * w]);
                 let mean = flat.clone().mean_dim(2).mean_dim(0); // [1, C, 1]
-                let var = (flat - mean.clone()).square().mean_dim(2).mean_dim(0);
+                // Repeating the per-channel value over N (a tiny copy) turns the broadcast into
+                // flex's fast "one scalar per row" pattern instead of its generic strided walk.
+                let var = (flat - mean.clone().repeat_dim(0, n)).square().mean_dim(2).mean_dim(0);
                 let (mean, var) = (mean.reshape([c]), var.reshape([c]));
                 let m = self.momentum;
                 let count = (n * h * w) as f64;
@@ -149,8 +92,8 @@ impl<B: Backend> BatchNorm2d<B> {
         // two full-size operations instead of four.
         let scale = self.weight.val().div(var.add_scalar(self.epsilon).sqrt());
         let shift = self.bias.val().sub(mean.mul(scale.clone()));
-        x.mul(scale.reshape([1, c, 1, 1]))
-            .add(shift.reshape([1, c, 1, 1]))
+        let per_row = |t: Tensor<B, 1>| t.reshape([1, c, 1, 1]).repeat_dim(0, n);
+        x.mul(per_row(scale)).add(per_row(shift))
     }
 }
 
@@ -190,9 +133,12 @@ impl<B: Backend> ConvBn<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
-        let conv = if conv_as_matmul_enabled() {
+        let conv = if CPU_CONV.load(Ordering::Relaxed) {
             let pad = self.conv.weight.dims()[2] / 2;
-            conv_as_matmul(x, self.conv.weight.val(), self.conv.stride[0], pad)
+            match super::cpu_conv::try_conv2d(x, self.conv.weight.val(), self.conv.stride[0], pad) {
+                Ok(y) => y,
+                Err((x, _)) => self.conv.forward(x),
+            }
         } else {
             self.conv.forward(x)
         };
@@ -250,74 +196,6 @@ mod tests {
             .unwrap();
         for (r, m) in rm.iter().zip(xm) {
             assert!((r - 0.1 * m).abs() < 1e-5);
-        }
-    }
-
-    #[test]
-    fn conv_as_matmul_equals_the_backend_convolution() {
-        let device = Default::default();
-        for (k, stride, cin, cout, hw) in [
-            (3, 1, 3, 5, 7),
-            (3, 2, 4, 6, 8),
-            (1, 2, 4, 3, 7),
-            (7, 2, 3, 4, 11),
-            (1, 1, 2, 2, 3),
-        ] {
-            let pad = k / 2;
-            let conv = Conv2dConfig::new([cin, cout], [k, k])
-                .with_stride([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
-                .with_bias(false)
-                .init::<Flex>(&device);
-            let x = Tensor::<Flex, 4>::random(
-                [2, cin, hw, hw],
-                Distribution::Normal(0.0, 1.0),
-                &device,
-            );
-            let a: Vec<f32> = conv.forward(x.clone()).into_data().to_vec().unwrap();
-            let b: Vec<f32> = conv_as_matmul(x, conv.weight.val(), stride, pad)
-                .into_data()
-                .to_vec()
-                .unwrap();
-            assert_eq!(a.len(), b.len(), "k{k} s{stride}");
-            for (u, v) in a.iter().zip(&b) {
-                assert!((u - v).abs() < 1e-4, "k{k} s{stride}: {u} vs {v}");
-            }
-        }
-    }
-
-    #[test]
-    fn conv_as_matmul_gradients_equal_the_backend_convolution() {
-        type AD = burn::backend::Autodiff<Flex>;
-        let device = Default::default();
-        let conv = Conv2dConfig::new([3, 4], [3, 3])
-            .with_stride([2, 2])
-            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-            .with_bias(false)
-            .init::<AD>(&device);
-        let x0 = Tensor::<AD, 4>::random([2, 3, 9, 9], Distribution::Normal(0.0, 1.0), &device);
-        let grads = |matmul: bool| {
-            let x = x0.clone().detach().require_grad();
-            let w = conv.weight.val().detach().require_grad();
-            let y = if matmul {
-                conv_as_matmul(x.clone(), w.clone(), 2, 1)
-            } else {
-                burn::tensor::module::conv2d(
-                    x.clone(),
-                    w.clone(),
-                    None,
-                    burn::tensor::ops::ConvOptions::new([2, 2], [1, 1], [1, 1], 1),
-                )
-            };
-            let g = y.square().sum().backward();
-            let gx: Vec<f32> = x.grad(&g).unwrap().into_data().to_vec().unwrap();
-            let gw: Vec<f32> = w.grad(&g).unwrap().into_data().to_vec().unwrap();
-            (gx, gw)
-        };
-        let (ax, aw) = grads(false);
-        let (bx, bw) = grads(true);
-        for (u, v) in ax.iter().zip(&bx).chain(aw.iter().zip(&bw)) {
-            assert!((u - v).abs() < 1e-3 * (1.0 + u.abs()), "{u} vs {v}");
         }
     }
 

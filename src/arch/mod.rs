@@ -1,6 +1,7 @@
 //! Backbones (the registry from config names), their feature taps, and the distillation model: a
 //! set of named sub-models, some frozen, whose outputs the losses read by name and key.
 
+pub mod cpu_conv;
 pub mod layers;
 pub mod resnet;
 pub mod weights;

@@ -52,9 +52,6 @@ macro_rules! with_backend {
             $crate::config::DeviceKind::Cpu => {
                 type $B = $crate::engine::CpuBackend;
                 let $dev = Default::default();
-                $crate::arch::layers::set_conv_as_matmul(
-                    std::env::var("KD_CONV").is_ok_and(|v| v == "matmul"),
-                );
                 $body
             }
             $crate::config::DeviceKind::Gpu => $crate::gpu_unavailable_or!($opts, |$B, $dev| $body),
