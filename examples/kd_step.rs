@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     let conv = arg("--conv", "kd");
     layers::set_cpu_conv(conv == "kd");
     kd_engine::engine::init_cpu_threads(Some(threads));
+    kd_engine::engine::keep_freed_memory();
     let no_teacher = teacher == "none";
     let yaml = if no_teacher {
         format!("Arch: {{name: {student}, class_num: {classes}, stem: {stem}}}\nLoss:\n  Train:\n    - CELoss: {{weight: 1.0}}\n")

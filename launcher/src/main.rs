@@ -140,6 +140,7 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    engine::keep_freed_memory();
     let (device_override, local_device) = placement(&cli)?;
     let stop = Arc::new(AtomicBool::new(false));
     {

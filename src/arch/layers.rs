@@ -62,9 +62,12 @@ impl<B: Backend> BatchNorm2d<B> {
                 // [N, C, HW] is a free view of the contiguous activation.
                 let flat = x.clone().reshape([n, c, h * w]);
                 let mean = flat.clone().mean_dim(2).mean_dim(0); // [1, C, 1]
-                // Repeating the per-channel value over N (a tiny copy) turns the broadcast into
-                // flex's fast "one scalar per row" pattern instead of its generic strided walk.
-                let var = (flat - mean.clone().repeat_dim(0, n)).square().mean_dim(2).mean_dim(0);
+                                                                 // Repeating the per-channel value over N (a tiny copy) turns the broadcast into
+                                                                 // flex's fast "one scalar per row" pattern instead of its generic strided walk.
+                let var = (flat - mean.clone().repeat_dim(0, n))
+                    .square()
+                    .mean_dim(2)
+                    .mean_dim(0);
                 let (mean, var) = (mean.reshape([c]), var.reshape([c]));
                 let m = self.momentum;
                 let count = (n * h * w) as f64;

@@ -116,6 +116,19 @@ pub fn run_infer(
     }
 }
 
+/// Asks glibc's allocator to keep freed memory instead of returning it to the kernel: CPU
+/// training allocates and frees the same large activation buffers every step, and re-faulting
+/// their pages cost about a tenth of a ResNet step here.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before training starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 /// Sets the CPU thread pool size once (compute threads for the flex backend).
 pub fn init_cpu_threads(threads: Option<usize>) {
     let n = threads
