@@ -403,6 +403,56 @@ mod tests {
         );
     }
 
+    fn running_mean_of_teacher(
+        model: &DistillationModel<burn::backend::Autodiff<Flex>>,
+    ) -> Vec<f32> {
+        let Backbone::ResNet(r) = &model.frozen[0];
+        r.stem
+            .bn
+            .running_mean
+            .value_sync()
+            .into_data()
+            .to_vec()
+            .unwrap()
+    }
+
+    #[test]
+    fn frozen_teacher_bn_is_eval_unless_paddleclas_mode() {
+        let yaml = "{name: DistillationModel, class_num: 4, freeze_params_list: [True, False], models: [{Teacher: {name: resnet8}}, {Student: {name: resnet8}}]}";
+        let node = Node::root(serde_yaml::from_str(yaml).unwrap(), Path::new("t.yaml"));
+        let root = Node::root(
+            serde_yaml::to_value(serde_yaml::Mapping::from_iter([(
+                "Arch".into(),
+                node.value.clone(),
+            )]))
+            .unwrap(),
+            Path::new("t.yaml"),
+        );
+        let cfg =
+            crate::config::Config::from_tree(root.value, Path::new("t.yaml"), vec![]).unwrap();
+        let x = Tensor::random(
+            [4, 3, 8, 8],
+            burn::tensor::Distribution::Normal(1.0, 1.0),
+            &Default::default(),
+        );
+        for paddle_mode in [false, true] {
+            let model = DistillationModel::<burn::backend::Autodiff<Flex>>::new(
+                &cfg.arch,
+                paddle_mode,
+                &Default::default(),
+            )
+            .unwrap();
+            let before = running_mean_of_teacher(&model);
+            let out = model.forward_train(x.clone());
+            assert_eq!(out["Teacher"].logits.dims(), [4, 4]);
+            assert_eq!(
+                running_mean_of_teacher(&model) != before,
+                paddle_mode,
+                "paddle_mode={paddle_mode}"
+            );
+        }
+    }
+
     #[test]
     fn taps_return_block_outputs() {
         let mut s = spec("resnet8x4", 10, "");

@@ -346,3 +346,160 @@ fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(Strin
     };
     Ok(names.into_iter().zip(values).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::ModelOutput;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+    use std::path::Path;
+
+    fn specs(yaml: &str) -> Vec<LossSpec> {
+        let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        let node = Node::root(v, Path::new("t.yaml"));
+        node.items()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let (name, params) = e.single_key_entry().unwrap();
+                LossSpec {
+                    weight: params.f64_or("weight", 1.0).unwrap(),
+                    name,
+                    params,
+                }
+            })
+            .collect()
+    }
+
+    fn outputs() -> (Outputs<Flex>, Tensor<Flex, 1, Int>) {
+        let d = Default::default();
+        let t = |v: Vec<f32>| ModelOutput {
+            logits: Tensor::<Flex, 2>::from_data(TensorData::new(v, [2, 3]), &d),
+            features: vec![],
+        };
+        let mut o = Outputs::new();
+        o.insert(
+            "Student".to_string(),
+            t(vec![1.0, 2.0, 0.5, -1.0, 0.0, 3.0]),
+        );
+        o.insert("Teacher".to_string(), t(vec![2.0, 1.0, 0.0, 0.0, 0.5, 2.5]));
+        (
+            o,
+            Tensor::from_data(TensorData::new(vec![1i64, 2], [2]), &d),
+        )
+    }
+
+    fn value(t: &Tensor<Flex, 1>) -> f32 {
+        t.clone().into_data().to_vec::<f32>().unwrap()[0]
+    }
+
+    #[test]
+    fn terms_are_weighted_named_and_summed() {
+        let l = CombinedLoss::new(&specs(
+            "[{DistillationGTCELoss: {weight: 0.5, model_names: [Student]}}, {DistillationDKDLoss: {weight: 2.0, model_name_pairs: [[Student, Teacher]], temperature: 2}}]",
+        ))
+        .unwrap();
+        assert_eq!(
+            l.term_names(),
+            ["CELoss_Student", "loss_dkd_Student_Teacher", "loss"]
+        );
+        let (o, y) = outputs();
+        let v = l
+            .forward(&LossContext {
+                outputs: &o,
+                labels: y.clone(),
+                epoch: 1,
+                default_model: "Student",
+            })
+            .unwrap();
+        let ce = value(&functional::cross_entropy(
+            o["Student"].logits.clone(),
+            y.clone(),
+            None,
+        ));
+        let dkd = value(&functional::dkd(
+            o["Student"].logits.clone(),
+            o["Teacher"].logits.clone(),
+            y,
+            2.0,
+            1.0,
+            1.0,
+        ));
+        assert!((value(&v.terms[0].1) - 0.5 * ce).abs() < 1e-6);
+        assert!((value(&v.terms[1].1) - 2.0 * dkd).abs() < 1e-5);
+        assert!((value(&v.total) - (0.5 * ce + 2.0 * dkd)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_single_entry_ignores_its_weight_as_paddleclas_does() {
+        let l = CombinedLoss::new(&specs(
+            "[{DistillationKLDivLoss: {weight: 3.0, model_name_pairs: [[Student, Teacher]]}}]",
+        ))
+        .unwrap();
+        let (o, y) = outputs();
+        let v = l
+            .forward(&LossContext {
+                outputs: &o,
+                labels: y,
+                epoch: 1,
+                default_model: "Student",
+            })
+            .unwrap();
+        let kl = value(&functional::kl_div(
+            o["Student"].logits.clone(),
+            o["Teacher"].logits.clone(),
+            4.0,
+        ));
+        assert!((value(&v.total) - kl).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dkd_warmup_ramps_linearly() {
+        let l = CombinedLoss::new(&specs(
+            "[{DistillationDKDLoss: {model_name_pairs: [[Student, Teacher]], warmup: 4}}]",
+        ))
+        .unwrap();
+        let (o, y) = outputs();
+        let at = |epoch| {
+            value(
+                &l.forward(&LossContext {
+                    outputs: &o,
+                    labels: y.clone(),
+                    epoch,
+                    default_model: "Student",
+                })
+                .unwrap()
+                .total,
+            )
+        };
+        assert!((at(1) * 4.0 - at(4)).abs() < 1e-5);
+        assert_eq!(at(4), at(9));
+    }
+
+    #[test]
+    fn bad_entries_are_explained() {
+        let e = CombinedLoss::new(&specs("[{FancyLoss: {}}]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown loss") && e.contains("DistillationDKDLoss"),
+            "{e}"
+        );
+        let e = CombinedLoss::new(&specs(
+            "[{DistillationKLDivLoss: {model_names: [Student]}}]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("model_name_pairs"), "{e}");
+        let l = CombinedLoss::new(&specs(
+            "[{DistillationKLDivLoss: {model_name_pairs: [[Student, Ghost]]}}]",
+        ))
+        .unwrap();
+        assert!(l
+            .check_models(&["Student", "Teacher"])
+            .unwrap_err()
+            .to_string()
+            .contains("Ghost"));
+    }
+}
