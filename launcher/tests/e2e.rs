@@ -310,3 +310,67 @@ fn bad_inputs_fail_with_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
 }
+
+/// Ctrl-C (SIGINT) during training stops after the current step with a resumable `latest`
+/// recording the position inside the epoch; resuming finishes the run.
+#[test]
+fn sigint_leaves_a_resumable_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 16, 3);
+    let out = tmp.path().join("out");
+    let cfg = write(
+        &tmp.path().join("c.yaml"),
+        &format!(
+            "{}Arch: {{name: resnet8, class_num: 3}}\nLoss:\n  Train:\n    - CELoss: {{weight: 1.0}}\n{}",
+            global(&out, 50).replace("print_batch_step: 2", "print_batch_step: 1"),
+            data_section(&data)
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .args(["train", "-c", cfg.to_str().unwrap()])
+        .env("KD_THREADS", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Wait until training is under way (second epoch), then interrupt.
+    for line in lines.by_ref() {
+        if line.unwrap().contains("[Train][Epoch 2/50][Iter: 1/") {
+            break;
+        }
+    }
+    unsafe {
+        libc_kill(child.id() as i32, 2);
+    }
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("stopped on request")),
+        "{rest:?}"
+    );
+    let latest = out.join("resnet8/latest");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(latest.join("state.json")).unwrap()).unwrap();
+    assert!(
+        state["epoch"].as_u64().unwrap() >= 1 && state["epoch"].as_u64().unwrap() < 50,
+        "{state}"
+    );
+    let resumed = run(&[
+        "train",
+        "-c",
+        cfg.to_str().unwrap(),
+        "-o",
+        "Global.epochs=5",
+        &format!("Global.checkpoints={}", latest.display()),
+    ]);
+    assert!(resumed.contains("done: 5 epochs"), "{resumed}");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
