@@ -3,9 +3,8 @@
 //! Compare the printed img/s with the training step's ips to see whether the step waits on data.
 
 use kd_engine::config::Config;
-use kd_engine::data::{BatchSampler, ImageNetDataset, Loader};
+use kd_engine::data::{Loader, Placement};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 fn arg(name: &str, default: &str) -> String {
@@ -20,29 +19,13 @@ fn main() -> anyhow::Result<()> {
     let cfg = Config::load(&PathBuf::from(arg("-c", "configs/quickstart/kd.yaml")), &[])?;
     let threads: usize = arg("--threads", "2").parse()?;
     let max_batches: usize = arg("--batches", "1000000").parse()?;
-    let sec = cfg.train_section()?;
-    let ds = ImageNetDataset::from_list(
-        &sec.dataset.image_root,
-        &sec.dataset.cls_label_path,
-        sec.dataset.delimiter.as_deref(),
-    )?;
-    let sampler = BatchSampler {
-        len: ds.len(),
-        batch_size: sec.sampler.batch_size,
-        shuffle: true,
-        drop_last: false,
+    let at = Placement {
         seed: 1,
         rank: 0,
         world: 1,
-    };
-    let transforms = kd_engine::data::transforms::build(&sec.dataset.transforms)?;
-    let loader = Loader {
-        dataset: Arc::new(ds),
-        transforms: Arc::new(transforms),
         threads,
-        prefetch: threads * 2,
-        seed: 1,
     };
+    let (loader, sampler) = Loader::from_section(cfg.train_section()?, at, true)?;
     let batches: Vec<Vec<usize>> = sampler.batches(0).into_iter().take(max_batches).collect();
     let start = Instant::now();
     let mut images = 0;

@@ -90,7 +90,46 @@ pub struct EpochIter {
     pub last_wait: Duration,
 }
 
+/// Where a worker sits among the others, and how it loads (from the config's `Global`).
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    pub seed: u64,
+    pub rank: usize,
+    pub world: usize,
+    pub threads: usize,
+}
+
 impl Loader {
+    /// Dataset, transforms, sampler and loader of a `DataLoader.<mode>` section. `train` keeps
+    /// the section's shuffle/drop_last; evaluation never shuffles or drops.
+    pub fn from_section(
+        sec: &crate::config::LoaderSection,
+        at: Placement,
+        train: bool,
+    ) -> Result<(Loader, super::BatchSampler)> {
+        let d = &sec.dataset;
+        let ds =
+            ImageNetDataset::from_list(&d.image_root, &d.cls_label_path, d.delimiter.as_deref())?;
+        let sampler = super::BatchSampler {
+            len: ds.len(),
+            batch_size: sec.sampler.batch_size,
+            shuffle: train && sec.sampler.shuffle,
+            drop_last: train && sec.sampler.drop_last,
+            seed: at.seed,
+            rank: at.rank,
+            world: at.world,
+        };
+        let transforms = super::transforms::build(&d.transforms)?;
+        let loader = Loader {
+            dataset: Arc::new(ds),
+            transforms: Arc::new(transforms),
+            threads: at.threads,
+            prefetch: at.threads * 2,
+            seed: at.seed,
+        };
+        Ok((loader, sampler))
+    }
+
     pub fn epoch(&self, batches: Vec<Vec<usize>>, epoch: usize) -> EpochIter {
         let total = batches.len();
         let batches = Arc::new(batches);

@@ -7,6 +7,6 @@ pub mod sampler;
 pub mod transforms;
 
 pub use dataset::{ImageNetDataset, Sample};
-pub use loader::{load_batch, Batch, Loader};
+pub use loader::{load_batch, Batch, Loader, Placement};
 pub use sampler::BatchSampler;
 pub use transforms::Transform;

@@ -5,7 +5,7 @@ use super::train::{add_topk, batch_tensors, load_initial_weights, loader_threads
 use super::RunOptions;
 use crate::arch::DistillationModel;
 use crate::config::Config;
-use crate::data::{BatchSampler, ImageNetDataset, Loader};
+use crate::data::{Loader, Placement};
 use crate::dist::Collective;
 use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::Averages;
@@ -14,7 +14,6 @@ use burn::module::AutodiffModule;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// The eval set, loaded once per run.
@@ -25,31 +24,15 @@ pub struct EvalData {
 
 impl EvalData {
     pub fn new(cfg: &Config, rank: usize, world: usize) -> Result<Self> {
-        let sec = cfg.eval_section()?;
-        let ds = ImageNetDataset::from_list(
-            &sec.dataset.image_root,
-            &sec.dataset.cls_label_path,
-            sec.dataset.delimiter.as_deref(),
-        )?;
-        let sampler = BatchSampler {
-            len: ds.len(),
-            batch_size: sec.sampler.batch_size,
-            shuffle: false,
-            drop_last: false,
+        let at = Placement {
             seed: cfg.global.seed,
             rank,
             world,
+            threads: loader_threads(cfg),
         };
-        let threads = loader_threads(cfg);
-        let transforms = crate::data::transforms::build(&sec.dataset.transforms)?;
+        let (loader, sampler) = Loader::from_section(cfg.eval_section()?, at, false)?;
         Ok(EvalData {
-            loader: Loader {
-                dataset: Arc::new(ds),
-                transforms: Arc::new(transforms),
-                threads,
-                prefetch: threads * 2,
-                seed: cfg.global.seed,
-            },
+            loader,
             batches: sampler.batches(0),
         })
     }

@@ -7,7 +7,7 @@ use super::evaluate::{evaluate, EvalData};
 use super::RunOptions;
 use crate::arch::{recorder, DistillationModel, TrainableSet};
 use crate::config::{Config, MetricSpec, Pretrained};
-use crate::data::{BatchSampler, ImageNetDataset, Loader};
+use crate::data::{ImageNetDataset, Loader, Placement};
 use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::Averages;
 use crate::optim::{sgd_config, LrSchedule};
@@ -19,7 +19,6 @@ use burn::tensor::ElementConversion;
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What a finished (or stopped) training run leaves behind.
@@ -154,39 +153,23 @@ pub fn train<B: AutodiffBackend>(
     load_initial_weights(cfg, &mut model, &device)?;
 
     let section = cfg.train_section()?;
-    let ds = ImageNetDataset::from_list(
-        &section.dataset.image_root,
-        &section.dataset.cls_label_path,
-        section.dataset.delimiter.as_deref(),
-    )?;
-    check_labels(&ds, cfg, &section.dataset.cls_label_path)?;
-    let transforms = crate::data::transforms::build(&section.dataset.transforms)?;
-    let sampler = BatchSampler {
-        len: ds.len(),
-        batch_size: section.sampler.batch_size,
-        shuffle: section.sampler.shuffle,
-        drop_last: section.sampler.drop_last,
+    let at = Placement {
         seed: g.seed,
         rank,
         world,
+        threads: loader_threads(cfg),
     };
+    let (loader, sampler) = Loader::from_section(section, at, true)?;
+    check_labels(&loader.dataset, cfg, &section.dataset.cls_label_path)?;
     let iters = sampler.num_batches();
     if iters == 0 {
         bail!(
             "{}: DataLoader.Train yields no batch ({} samples, batch_size {}, drop_last)",
             cfg.file.display(),
-            ds.len(),
+            sampler.len,
             sampler.batch_size
         );
     }
-    let threads = loader_threads(cfg);
-    let loader = Loader {
-        dataset: Arc::new(ds),
-        transforms: Arc::new(transforms),
-        threads,
-        prefetch: threads * 2,
-        seed: g.seed,
-    };
     let eval_data = if g.eval_during_train {
         cfg.eval_data
             .as_ref()
