@@ -13,7 +13,6 @@ use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
 use std::time::Instant;
 
 /// The eval set, loaded once per run.
@@ -75,10 +74,7 @@ pub fn evaluate<B: AutodiffBackend>(
                 epoch,
                 default_model: &cfg.arch.infer_model_name,
             })?;
-            for (name, v) in &values.terms {
-                avg.add(name, v.clone().into_scalar().elem::<f32>() as f64, n);
-            }
-            avg.add("loss", values.total.into_scalar().elem::<f32>() as f64, n);
+            values.record(&mut avg, n);
         }
         add_topk(&mut avg, &outputs, &y, &specs)?;
         samples += n;

@@ -15,7 +15,6 @@ use anyhow::{bail, Context, Result};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::record::Recorder;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ElementConversion;
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -237,18 +236,14 @@ pub fn train<B: AutodiffBackend>(
                 epoch,
                 default_model: &cfg.arch.infer_model_name,
             })?;
-            let total: f32 = values.total.clone().into_scalar().elem();
+            add_topk(&mut avg, &outputs, &y, &train_metrics)?;
+            let total = values.record(&mut avg, n);
             if !total.is_finite() {
                 bail!("loss is {total} at epoch {epoch}, iteration {i}: training diverged (lower the learning rate?)");
             }
             let grads = GradientsParams::from_grads(values.total.backward(), &model.trainable);
             let lr = schedule.at(state.global_step, epoch - 1);
             model.trainable = optim.step(lr, model.trainable, grads);
-            add_topk(&mut avg, &outputs, &y, &train_metrics)?;
-            for (name, v) in &values.terms {
-                avg.add(name, v.clone().into_scalar().elem::<f32>() as f64, n);
-            }
-            avg.add("loss", total as f64, n);
             state.global_step += 1;
             i += 1;
             images += n;

@@ -1,7 +1,7 @@
 //! The loss formulas, as functions of logits (see `shared/reference/paddleclas-loss-math.md`).
 //! All are generic over the backend so the same code computes training (autodiff) and eval losses.
 
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -35,14 +35,6 @@ pub fn cross_entropy<B: Backend>(
 
 fn soft_cross_entropy_with<B: Backend>(log_p: Tensor<B, 2>, target: Tensor<B, 2>) -> Tensor<B, 1> {
     log_p.mul(target).sum_dim(1).neg().mean()
-}
-
-/// Soft-label cross-entropy against a teacher: `mean_n −Σ_c softmax(z_t)·log softmax(z_s)`.
-pub fn soft_cross_entropy<B: Backend>(
-    student: Tensor<B, 2>,
-    teacher: Tensor<B, 2>,
-) -> Tensor<B, 1> {
-    soft_cross_entropy_with(log_softmax(student, 1), softmax(teacher, 1))
 }
 
 /// Hinton KD: `T² · Σ p_t (log p_t − log p_s) / N` with `p = softmax(z/T)`.
@@ -97,7 +89,7 @@ pub fn dkd<B: Backend>(
         .mul_scalar(scale);
 
     // Non-target distributions: the target logit pushed down by 1000, as in the paper's code.
-    let push = one_hot_mask_shift(&gt, 1000.0);
+    let push = gt.float().mul_scalar(1000.0);
     let log_qs = log_softmax(zs.sub(push.clone()), 1);
     let log_qt = log_softmax(zt.sub(push), 1);
     let nckd = log_qt
@@ -107,13 +99,6 @@ pub fn dkd<B: Backend>(
         .sum()
         .mul_scalar(scale);
     tckd.mul_scalar(alpha).add(nckd.mul_scalar(beta))
-}
-
-fn one_hot_mask_shift<B: Backend>(
-    gt: &Tensor<B, 2, burn::tensor::Bool>,
-    value: f64,
-) -> Tensor<B, 2> {
-    gt.clone().float().mul_scalar(value)
 }
 
 /// Top-k accuracy (fraction of samples whose label is among the k largest logits), per k.

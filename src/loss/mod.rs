@@ -201,6 +201,20 @@ pub struct LossValues<B: Backend> {
     pub total: Tensor<B, 1>,
 }
 
+impl<B: Backend> LossValues<B> {
+    /// Adds every term and the total (`loss`) to `avg`, weighted by the batch size `n`;
+    /// returns the total.
+    pub fn record(&self, avg: &mut crate::metric::Averages, n: usize) -> f32 {
+        use burn::tensor::ElementConversion;
+        for (name, v) in &self.terms {
+            avg.add(name, v.clone().into_scalar().elem::<f32>() as f64, n);
+        }
+        let total: f32 = self.total.clone().into_scalar().elem();
+        avg.add("loss", total as f64, n);
+        total
+    }
+}
+
 impl CombinedLoss {
     pub fn new(specs: &[LossSpec]) -> Result<Self> {
         if specs.is_empty() {
