@@ -198,6 +198,30 @@ pub(crate) fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }
 
+/// Loads a record into `model`, refusing one written for another architecture: burn's own
+/// loading asserts (panics) on a different block count and silently accepts other shapes.
+fn load_checked<B: Backend>(
+    model: Backbone<B>,
+    file: &Path,
+    device: &B::Device,
+) -> Result<Backbone<B>> {
+    let expected = weights::named_shapes(&model);
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.load_file(file, &recorder(), device)
+    }))
+    .map_err(|_| {
+        anyhow!("the file holds a model of a different structure (another backbone or depth?)")
+    })??;
+    let diff = weights::shape_differences(&expected, &weights::named_shapes(&loaded));
+    if !diff.is_empty() {
+        bail!(
+            "the file's weights do not fit this model: {}",
+            diff.join("; ")
+        );
+    }
+    Ok(loaded)
+}
+
 impl<B: AutodiffBackend> DistillationModel<B> {
     pub fn new(
         arch: &ArchConfig,
@@ -333,11 +357,10 @@ impl<B: AutodiffBackend> DistillationModel<B> {
         }
         if slot.spec.frozen {
             let m = self.frozen[slot.index].clone();
-            self.frozen[slot.index] = m.load_file(file, &recorder(), device).with_context(ctx)?;
+            self.frozen[slot.index] = load_checked(m, file, device).with_context(ctx)?;
         } else {
             let m = self.trainable.models[slot.index].clone();
-            self.trainable.models[slot.index] =
-                m.load_file(file, &recorder(), device).with_context(ctx)?;
+            self.trainable.models[slot.index] = load_checked(m, file, device).with_context(ctx)?;
         }
         Ok(())
     }
@@ -451,6 +474,30 @@ mod tests {
                 "paddle_mode={paddle_mode}"
             );
         }
+    }
+
+    #[test]
+    fn loading_another_architecture_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m");
+        let d = Default::default();
+        Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d)
+            .unwrap()
+            .save_file(&file, &recorder())
+            .unwrap();
+        let file = file.with_extension("mpk");
+        let deeper = Backbone::<Flex>::from_spec(&spec("resnet14", 10, ""), &d).unwrap();
+        assert!(load_checked(deeper, &file, &d)
+            .unwrap_err()
+            .to_string()
+            .contains("different structure"));
+        let other_classes = Backbone::<Flex>::from_spec(&spec("resnet8", 7, ""), &d).unwrap();
+        let e = load_checked(other_classes, &file, &d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fc.weight"), "{e}");
+        let same = Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d).unwrap();
+        assert!(load_checked(same, &file, &d).is_ok());
     }
 
     #[test]

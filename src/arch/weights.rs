@@ -55,6 +55,56 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
     }
 }
 
+struct Shapes {
+    path: Path,
+    out: BTreeMap<String, Vec<usize>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Shapes {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        self.out
+            .insert(self.path.name(), p.shape().dims::<D>().to_vec());
+    }
+}
+
+/// The name → shape map of every float tensor of `module`.
+pub fn named_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    let mut s = Shapes {
+        path: Path::default(),
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut s);
+    s.out
+}
+
+/// Describes how two name → shape maps differ (empty when they are equal).
+pub fn shape_differences(
+    expected: &BTreeMap<String, Vec<usize>>,
+    found: &BTreeMap<String, Vec<usize>>,
+) -> Vec<String> {
+    let mut out = vec![];
+    for (k, v) in expected {
+        match found.get(k) {
+            None => out.push(format!("missing {k}")),
+            Some(f) if f != v => out.push(format!("{k}: expected {v:?}, file has {f:?}")),
+            _ => {}
+        }
+    }
+    out.extend(
+        found
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .map(|k| format!("unexpected {k}")),
+    );
+    out
+}
+
 /// All float tensors of `module` (parameters and BatchNorm running statistics) by name.
 pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, NamedTensor> {
     let mut c = Collect {

@@ -108,6 +108,12 @@ impl Loader {
         train: bool,
     ) -> Result<(Loader, super::BatchSampler)> {
         let d = &sec.dataset;
+        if d.name != "ImageNetDataset" {
+            bail!(
+                "DataLoader dataset {:?} is not supported; known: ImageNetDataset",
+                d.name
+            );
+        }
         let ds =
             ImageNetDataset::from_list(&d.image_root, &d.cls_label_path, d.delimiter.as_deref())?;
         let sampler = super::BatchSampler {

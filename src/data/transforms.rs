@@ -133,7 +133,10 @@ impl Transform {
                     "return_numpy",
                 ]);
                 let short = p.usize("resize_short")?.map(|s| s as u32);
-                let sz = p.size2("size")?.map(|(w, h)| (w as u32, h as u32));
+                if short == Some(0) {
+                    return Err(p.require("resize_short")?.error("must be positive"));
+                }
+                let sz = p.get("size").is_some().then(|| size("size")).transpose()?;
                 if short.is_none() == sz.is_none() {
                     return Err(p.error("ResizeImage needs exactly one of resize_short or size"));
                 }

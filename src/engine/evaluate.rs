@@ -29,7 +29,9 @@ impl EvalData {
             world,
             threads: loader_threads(cfg),
         };
-        let (loader, sampler) = Loader::from_section(cfg.eval_section()?, at, false)?;
+        let sec = cfg.eval_section()?;
+        let (loader, sampler) = Loader::from_section(sec, at, false)?;
+        super::train::check_labels(&loader.dataset, cfg, &sec.dataset.cls_label_path)?;
         Ok(EvalData {
             loader,
             batches: sampler.batches(0),

@@ -123,11 +123,14 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
         &tensors,
         Some([("format".to_string(), FORMAT.to_string())].into()),
     )?;
+    // The export directory may hold other files (PaddleClas writes into it): replace only ours,
+    // each atomically, weights first so the metadata never points at missing weights.
     let dir = g.save_inference_dir.clone();
-    checkpoint::write_atomic(&dir, |tmp| {
-        std::fs::write(tmp.join(WEIGHTS_FILE), &bytes)?;
-        std::fs::write(tmp.join(META_FILE), serde_json::to_string_pretty(&meta)?)?;
-        Ok(())
-    })?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    checkpoint::write_file_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    checkpoint::write_file_atomic(
+        &dir.join(META_FILE),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )?;
     Ok(dir)
 }

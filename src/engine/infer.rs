@@ -31,7 +31,7 @@ pub enum InferSource<'a> {
     Config(&'a Config),
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp"];
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
 
 /// An image file, or the image files under a directory (recursively, sorted).
 pub fn image_list(path: &Path) -> Result<Vec<PathBuf>> {
@@ -59,10 +59,7 @@ pub fn image_list(path: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     if out.is_empty() {
-        bail!(
-            "{}: no images (.jpg, .jpeg, .png, .bmp) found",
-            path.display()
-        );
+        bail!("{}: no images (.jpg, .jpeg, .png) found", path.display());
     }
     Ok(out)
 }
@@ -203,13 +200,10 @@ pub fn infer<B: AutodiffBackend>(
                 .infer
                 .as_ref()
                 .with_context(|| format!("{}: Infer section missing", cfg.file.display()))?;
-            if cfg.global.pretrained_model.is_none()
-                && !cfg
-                    .arch
-                    .models
-                    .iter()
-                    .any(|m| matches!(m.pretrained, Pretrained::Path(_)))
-            {
+            let infer_has_weights = cfg.arch.models.iter().any(|m| {
+                m.key == cfg.arch.infer_model_name && matches!(m.pretrained, Pretrained::Path(_))
+            });
+            if cfg.global.pretrained_model.is_none() && !infer_has_weights {
                 bail!("{}: infer needs weights: -o Global.pretrained_model=<output_dir>/<arch>/best_model", cfg.file.display());
             }
             B::seed(&device, cfg.global.seed);

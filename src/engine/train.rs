@@ -18,16 +18,14 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What a finished (or stopped) training run leaves behind.
 #[derive(Clone, Debug)]
 pub struct TrainSummary {
     pub state: TrainState,
     pub output_dir: PathBuf,
-    pub last_eval_top1: Option<f64>,
     pub stopped_early: bool,
-    pub images_per_second: f64,
 }
 
 pub(crate) fn batch_tensors<B: Backend>(
@@ -105,7 +103,8 @@ type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<
     B,
 >;
 
-/// Loads per-model `pretrained` paths and `Global.pretrained_model`.
+/// Loads per-model `pretrained` paths, then `Global.pretrained_model` (which wins, as in
+/// PaddleClas: it is how eval/export/infer name the trained weights).
 pub(crate) fn load_initial_weights<B: AutodiffBackend>(
     cfg: &Config,
     model: &mut DistillationModel<B>,
@@ -115,7 +114,8 @@ pub(crate) fn load_initial_weights<B: AutodiffBackend>(
         model
             .load_all(dir, device)
             .with_context(|| format!("Global.pretrained_model = {}", dir.display()))?;
-        tracing::info!("initialised all models from {}", dir.display());
+        tracing::info!("loaded all models from {}", dir.display());
+        return Ok(());
     }
     for spec in &cfg.arch.models {
         if let Pretrained::Path(p) = &spec.pretrained {
@@ -205,11 +205,7 @@ pub fn train<B: AutodiffBackend>(
         .progress
         .then(|| indicatif::ProgressBar::new(iters as u64));
     let main = opts.collective.is_main();
-    let mut last_eval_top1 = None;
     let mut stopped = false;
-    let mut images = 0usize;
-    let mut compute = Duration::ZERO;
-    let run_start = Instant::now();
 
     'epochs: for epoch in state.epoch + 1..=g.epochs {
         let skip = std::mem::take(&mut state.step_in_epoch);
@@ -226,7 +222,6 @@ pub fn train<B: AutodiffBackend>(
         while let Some(batch) = it.next() {
             let batch = batch?;
             let reader = it.last_wait;
-            let step_start = Instant::now();
             let n = batch.labels.len();
             let (x, y) = batch_tensors::<B>(&batch, &device);
             let outputs = model.forward_train(x);
@@ -246,9 +241,7 @@ pub fn train<B: AutodiffBackend>(
             model.trainable = optim.step(lr, model.trainable, grads);
             state.global_step += 1;
             i += 1;
-            images += n;
             let now = Instant::now();
-            compute += now - step_start;
             timing.add("batch_cost", (now - tick).as_secs_f64(), 1);
             timing.add("reader_cost", reader.as_secs_f64(), 1);
             timing.add("images", n as f64, 1);
@@ -271,25 +264,28 @@ pub fn train<B: AutodiffBackend>(
                 );
             }
             if opts.stop.load(Ordering::SeqCst) {
+                stopped = true;
                 if i < iters {
+                    // Mid-epoch: save the position; the rest of the epoch runs on resume.
                     state.epoch = epoch - 1;
                     state.step_in_epoch = i;
-                } else {
-                    state.epoch = epoch;
+                    drop(it);
+                    if main {
+                        save(
+                            &model,
+                            &optim,
+                            cfg,
+                            &state,
+                            &checkpoint::checkpoint_dir(&g.output_dir, &cfg.arch.name, "latest"),
+                        )?;
+                        tracing::info!(
+                            "stopped on request at epoch {epoch} iteration {i}; resumable checkpoint saved in {}/latest",
+                            arch_dir.display()
+                        );
+                    }
+                    break 'epochs;
                 }
-                stopped = true;
-                drop(it);
-                if main {
-                    save(
-                        &model,
-                        &optim,
-                        cfg,
-                        &state,
-                        &checkpoint::checkpoint_dir(&g.output_dir, &cfg.arch.name, "latest"),
-                    )?;
-                    tracing::info!("stopped on request after epoch {epoch} iteration {i}; resumable checkpoint saved in {}/latest", arch_dir.display());
-                }
-                break 'epochs;
+                // Last batch of the epoch: finish it (eval, checkpoints) below, then stop.
             }
         }
         drop(it);
@@ -309,7 +305,6 @@ pub fn train<B: AutodiffBackend>(
                 epoch,
                 opts.collective.as_mut(),
             )?;
-            last_eval_top1 = Some(report.top1);
             if report.top1 > state.best_top1 || state.best_epoch == 0 {
                 state.best_top1 = report.top1;
                 state.best_epoch = epoch;
@@ -335,25 +330,25 @@ pub fn train<B: AutodiffBackend>(
             }
         }
         opts.collective.barrier()?;
+        if stopped {
+            tracing::info!(
+                "stopped on request after epoch {epoch}; resumable checkpoint saved in {}/latest",
+                arch_dir.display()
+            );
+            break;
+        }
     }
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }
-    let wall = run_start.elapsed().as_secs_f64();
     Ok(TrainSummary {
         state,
         output_dir: arch_dir,
-        last_eval_top1,
         stopped_early: stopped,
-        images_per_second: if compute.is_zero() {
-            0.0
-        } else {
-            images as f64 / wall.max(1e-9)
-        },
     })
 }
 
-fn check_labels(ds: &ImageNetDataset, cfg: &Config, list: &Path) -> Result<()> {
+pub(crate) fn check_labels(ds: &ImageNetDataset, cfg: &Config, list: &Path) -> Result<()> {
     let classes = ds.num_classes();
     for m in &cfg.arch.models {
         if classes > m.class_num {

@@ -1,4 +1,5 @@
-//! The loss formulas, as functions of logits (see `shared/reference/paddleclas-loss-math.md`).
+//! The loss formulas, as functions of logits (PaddleClas's math as summarised in
+//! `../shared/reference/paddleclas-loss-math.md`; the independent reference is `tools/gen_loss_fixtures.py`).
 //! All are generic over the backend so the same code computes training (autodiff) and eval losses.
 
 use burn::tensor::activation::log_softmax;
