@@ -49,6 +49,10 @@ struct Params {
     temperature: Option<f64>,
     alpha: Option<f64>,
     beta: Option<f64>,
+    #[serde(default)]
+    act: Option<String>,
+    #[serde(default)]
+    sum_across_class_dim: Option<bool>,
 }
 
 fn cases(loss: &str) -> Vec<Case> {
@@ -174,6 +178,37 @@ fn dkd_matches_reference() {
         let alpha = param(&case, case.params.alpha, "alpha");
         let beta = param(&case, case.params.beta, "beta");
         let loss = dkd(s.clone(), teacher(&case), labels(&case), t, alpha, beta);
+        check(&case, &s, loss);
+    }
+}
+
+#[test]
+fn soft_cross_entropy_matches_reference() {
+    for case in cases("softce") {
+        let s = student(&case);
+        let loss = kd_engine::loss::functional::soft_cross_entropy(s.clone(), teacher(&case));
+        check(&case, &s, loss);
+    }
+}
+
+#[test]
+fn dml_matches_reference() {
+    use kd_engine::loss::functional::{dml, DmlAct};
+    let cases = cases("dml");
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let act = match case.params.act.as_deref() {
+            Some("softmax") => DmlAct::Softmax,
+            Some("sigmoid") => DmlAct::Sigmoid,
+            other => panic!("{}: unexpected act {other:?}", case.name),
+        };
+        let s = student(&case);
+        let loss = dml(
+            s.clone(),
+            teacher(&case),
+            act,
+            case.params.sum_across_class_dim.unwrap_or(false),
+        );
         check(&case, &s, loss);
     }
 }

@@ -128,6 +128,26 @@ def dkd(zs, zt, y, T, alpha, beta):
 
 # ---------------------------------------------------------------- finite differences
 
+def soft_ce(zs, zt):
+    """DistillationCELoss: mean_n( -sum_c softmax(z_t) * log_softmax(z_s) )."""
+    return float(np.mean(-np.sum(softmax(zt) * log_softmax(zs), axis=-1)))
+
+
+def dml(zs, zt, act, sum_across_class_dim):
+    """DMLLoss: symmetric KL of act(z_s), act(z_t), k(a, b) = b*log((b+eps)/(a+eps))*C, eps 1e-12."""
+    eps = 1e-12
+    if act == "softmax":
+        p, q = softmax(zs), softmax(zt)
+    elif act == "sigmoid":
+        p, q = 1.0 / (1.0 + np.exp(-zs)), 1.0 / (1.0 + np.exp(-zt))
+    else:
+        p, q = zs, zt
+    c = zs.shape[-1]
+    k = lambda a, b: b * np.log((b + eps) / (a + eps)) * c
+    loss = (k(p, q) + k(q, p)) / 2.0
+    return float(loss.sum(axis=1).mean() if sum_across_class_dim else loss.mean())
+
+
 def fd_grad(f, zs, h):
     g = np.zeros_like(zs)
     for idx in np.ndindex(zs.shape):
@@ -171,6 +191,11 @@ def main():
         ("ce_eps0.1_large", "ce", dict(epsilon=0.1), 30.0),
         ("kl_T1_large", "kl", dict(temperature=1.0), 30.0),
         ("dkd_T1_a1_b8_large", "dkd", dict(temperature=1.0, alpha=1.0, beta=8.0), 30.0),
+        ("softce", "softce", dict(), 2.0),
+        ("softce_large", "softce", dict(), 30.0),
+        ("dml_softmax", "dml", dict(act="softmax", sum_across_class_dim=False), 2.0),
+        ("dml_softmax_sum", "dml", dict(act="softmax", sum_across_class_dim=True), 2.0),
+        ("dml_sigmoid", "dml", dict(act="sigmoid", sum_across_class_dim=False), 2.0),
     ]
 
     cases = []
@@ -185,6 +210,13 @@ def main():
             T = params["temperature"]
             f = lambda z, zt=zt, T=T: kl_div(z, zt, T)
             full = dict(epsilon=None, temperature=T, alpha=None, beta=None)
+        elif loss == "softce":
+            f = lambda z, zt=zt: soft_ce(z, zt)
+            full = dict(epsilon=None, temperature=None, alpha=None, beta=None)
+        elif loss == "dml":
+            act, across = params["act"], params["sum_across_class_dim"]
+            f = lambda z, zt=zt, act=act, across=across: dml(z, zt, act, across)
+            full = dict(epsilon=None, temperature=None, alpha=None, beta=None, act=act, sum_across_class_dim=across)
         else:
             T, a, b = params["temperature"], params["alpha"], params["beta"]
             f = lambda z, zt=zt, y=y, T=T, a=a, b=b: dkd(z, zt, y, T, a, b)

@@ -2,7 +2,7 @@
 //! `../shared/reference/paddleclas-loss-math.md`; the independent reference is `tools/gen_loss_fixtures.py`).
 //! All are generic over the backend so the same code computes training (autodiff) and eval losses.
 
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -36,6 +36,54 @@ pub fn cross_entropy<B: Backend>(
 
 fn soft_cross_entropy_with<B: Backend>(log_p: Tensor<B, 2>, target: Tensor<B, 2>) -> Tensor<B, 1> {
     log_p.mul(target).sum_dim(1).neg().mean()
+}
+
+/// Soft-label cross-entropy against a teacher (`DistillationCELoss`):
+/// `mean_n −Σ_c softmax(z_t)·log softmax(z_s)`.
+pub fn soft_cross_entropy<B: Backend>(
+    student: Tensor<B, 2>,
+    teacher: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    soft_cross_entropy_with(log_softmax(student, 1), softmax(teacher, 1))
+}
+
+/// The activation DML compares outputs after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmlAct {
+    Softmax,
+    Sigmoid,
+    /// The outputs already are probabilities.
+    Identity,
+}
+
+/// Deep mutual learning's symmetric KL: with `k(a, b) = b·log((b+ε)/(a+ε))·C` (ε = 1e-12),
+/// the mean over all elements of `(k(p, q) + k(q, p)) / 2` — a batch-mean symmetric KL —
+/// or, with `sum_across_class_dim`, the sum over classes averaged over the batch.
+pub fn dml<B: Backend>(
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    act: DmlAct,
+    sum_across_class_dim: bool,
+) -> Tensor<B, 1> {
+    let [_, c] = a.dims();
+    let (p, q) = match act {
+        DmlAct::Softmax => (softmax(a, 1), softmax(b, 1)),
+        DmlAct::Sigmoid => (sigmoid(a), sigmoid(b)),
+        DmlAct::Identity => (a, b),
+    };
+    let eps = 1e-12;
+    let (lp, lq) = (
+        p.clone().add_scalar(eps).log(),
+        q.clone().add_scalar(eps).log(),
+    );
+    let k_pq = q.mul(lq.clone() - lp.clone());
+    let k_qp = p.mul(lp - lq);
+    let loss = (k_pq + k_qp).mul_scalar(c as f64 / 2.0);
+    if sum_across_class_dim {
+        loss.sum_dim(1).mean()
+    } else {
+        loss.mean()
+    }
 }
 
 /// Hinton KD: `T² · Σ p_t (log p_t − log p_s) / N` with `p = softmax(z/T)`.

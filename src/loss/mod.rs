@@ -13,6 +13,8 @@ use burn::tensor::{Int, Tensor};
 /// Loss names the registry knows.
 pub const LOSSES: &[&str] = &[
     "CELoss",
+    "DistillationCELoss",
+    "DistillationDMLLoss",
     "DistillationGTCELoss",
     "DistillationKLDivLoss",
     "DistillationDKDLoss",
@@ -23,6 +25,13 @@ pub const LOSSES: &[&str] = &[
 pub enum Formula {
     /// Hard-label CE (optionally label-smoothed); `CELoss_<model>`.
     GtCe { epsilon: Option<f64> },
+    /// Soft-label CE against the pair's second model (`DistillationCELoss`); `CELoss_<A>_<B>`.
+    SoftCe,
+    /// Deep mutual learning's symmetric KL; `DMLLoss_<A>_<B>_<pair index>`.
+    Dml {
+        act: functional::DmlAct,
+        sum_across_class_dim: bool,
+    },
     /// Hinton KD; `loss_kldiv_<A>_<B>`.
     Kl { temperature: f64 },
     /// Decoupled KD with an optional linear warm-up over `warmup` epochs; `loss_dkd_<A>_<B>`.
@@ -76,6 +85,32 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
             },
             &["epsilon"],
         ),
+        "DistillationCELoss" => (Formula::SoftCe, &[]),
+        "DistillationDMLLoss" => {
+            // `act: None` (null after PaddleClas's literal evaluation) means no activation.
+            let raw = p.value.as_mapping().and_then(|m| m.get("act"));
+            let act = match raw {
+                None => functional::DmlAct::Softmax,
+                Some(v) if v.is_null() => functional::DmlAct::Identity,
+                Some(_) => match p.require("act")?.as_str()?.as_str() {
+                    "softmax" => functional::DmlAct::Softmax,
+                    "sigmoid" => functional::DmlAct::Sigmoid,
+                    "None" => functional::DmlAct::Identity,
+                    other => {
+                        return Err(e(format!(
+                            "act must be softmax, sigmoid or None, got {other:?}"
+                        )))
+                    }
+                },
+            };
+            (
+                Formula::Dml {
+                    act,
+                    sum_across_class_dim: p.bool_or("sum_across_class_dim", false)?,
+                },
+                &["act", "sum_across_class_dim"],
+            )
+        }
         "DistillationKLDivLoss" => (
             Formula::Kl {
                 temperature: p.f64_or("temperature", 4.0)?,
@@ -283,7 +318,8 @@ impl CombinedLoss {
 
 fn suffix(formula: &Formula) -> &'static str {
     match formula {
-        Formula::GtCe { .. } => "CELoss",
+        Formula::GtCe { .. } | Formula::SoftCe => "CELoss",
+        Formula::Dml { .. } => "DMLLoss",
         Formula::Kl { .. } => "loss_kldiv",
         Formula::Dkd { .. } => "loss_dkd",
     }
@@ -294,6 +330,12 @@ fn term_names(t: &LossTerm) -> Vec<String> {
     match &t.binding {
         Binding::Plain => vec![base.to_string()],
         Binding::Models(ms) => ms.iter().map(|m| format!("{base}_{m}")).collect(),
+        // PaddleClas's DML wrapper appends the pair's index; the others do not.
+        Binding::Pairs(ps) if matches!(t.formula, Formula::Dml { .. }) => ps
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b))| format!("{base}_{a}_{b}_{i}"))
+            .collect(),
         Binding::Pairs(ps) => ps.iter().map(|(a, b)| format!("{base}_{a}_{b}")).collect(),
     }
 }
@@ -333,6 +375,11 @@ fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(Strin
                 );
                 Ok(match f {
                     Formula::Kl { temperature } => functional::kl_div(s, tch, *temperature),
+                    Formula::SoftCe => functional::soft_cross_entropy(s, tch),
+                    Formula::Dml {
+                        act,
+                        sum_across_class_dim,
+                    } => functional::dml(s, tch, *act, *sum_across_class_dim),
                     Formula::Dkd {
                         temperature,
                         alpha,
@@ -443,6 +490,30 @@ mod tests {
         assert!((value(&v.terms[0].1) - 0.5 * ce).abs() < 1e-6);
         assert!((value(&v.terms[1].1) - 2.0 * dkd).abs() < 1e-5);
         assert!((value(&v.total) - (0.5 * ce + 2.0 * dkd)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn dml_and_soft_ce_terms_are_named_as_in_paddleclas() {
+        let l = CombinedLoss::new(&specs(
+            "[{DistillationDMLLoss: {model_name_pairs: [[Student, Teacher], [Teacher, Student]], act: None}}, {DistillationCELoss: {model_name_pairs: [[Student, Teacher]]}}]",
+        ))
+        .unwrap();
+        assert_eq!(
+            l.terms[0].formula,
+            Formula::Dml {
+                act: functional::DmlAct::Identity,
+                sum_across_class_dim: false
+            }
+        );
+        assert_eq!(
+            l.term_names(),
+            [
+                "DMLLoss_Student_Teacher_0",
+                "DMLLoss_Teacher_Student_1",
+                "CELoss_Student_Teacher",
+                "loss"
+            ]
+        );
     }
 
     #[test]
