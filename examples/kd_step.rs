@@ -11,13 +11,8 @@ use kd_engine::loss::{CombinedLoss, LossContext};
 use std::path::Path;
 use std::time::Instant;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
+mod common;
+use common::arg;
 
 fn main() -> anyhow::Result<()> {
     let batch: usize = arg("--batch", "64").parse()?;

@@ -30,8 +30,10 @@ impl Path {
     }
 }
 
+/// Walks every float tensor with its dotted name; values are read only when asked for.
 struct Collect {
     path: Path,
+    with_values: bool,
     out: BTreeMap<String, NamedTensor>,
 }
 
@@ -43,44 +45,40 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
         self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        let t = p.val();
-        let shape = t.dims().to_vec();
-        let values = t
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 data");
+        let shape = p.shape().dims::<D>().to_vec();
+        let values = if self.with_values {
+            p.val()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32 data")
+        } else {
+            vec![]
+        };
         self.out
             .insert(self.path.name(), NamedTensor { shape, values });
     }
 }
 
-struct Shapes {
-    path: Path,
-    out: BTreeMap<String, Vec<usize>>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Shapes {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.enter(name);
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.exit();
-    }
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        self.out
-            .insert(self.path.name(), p.shape().dims::<D>().to_vec());
-    }
+fn collect<B: Backend, M: Module<B>>(
+    module: &M,
+    with_values: bool,
+) -> BTreeMap<String, NamedTensor> {
+    let mut c = Collect {
+        path: Path::default(),
+        with_values,
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut c);
+    c.out
 }
 
 /// The name → shape map of every float tensor of `module`.
 pub fn named_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
-    let mut s = Shapes {
-        path: Path::default(),
-        out: BTreeMap::new(),
-    };
-    module.visit(&mut s);
-    s.out
+    collect(module, false)
+        .into_iter()
+        .map(|(k, t)| (k, t.shape))
+        .collect()
 }
 
 /// Describes how two name → shape maps differ (empty when they are equal).
@@ -107,12 +105,7 @@ pub fn shape_differences(
 
 /// All float tensors of `module` (parameters and BatchNorm running statistics) by name.
 pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, NamedTensor> {
-    let mut c = Collect {
-        path: Path::default(),
-        out: BTreeMap::new(),
-    };
-    module.visit(&mut c);
-    c.out
+    collect(module, true)
 }
 
 struct Assign<'a, B: Backend> {
