@@ -182,6 +182,19 @@ fn train_distill_eval_export_infer_and_resume() {
         &format!("Global.pretrained_model={}", best.display()),
     ]);
     assert!(ev.contains("top1"), "{ev}");
+    // Global.pretrained_model wins over a model's own `pretrained` (here: the teacher's weights).
+    let ev_override = run(&[
+        "eval",
+        "-c",
+        kd,
+        "-o",
+        &format!("Global.pretrained_model={}", best.display()),
+        &format!(
+            "Arch.models.1.Student.pretrained={}",
+            teacher_ckpt.display()
+        ),
+    ]);
+    assert_eq!(ev, ev_override);
 
     // 4. Export, then infer from the export alone and from config + checkpoint: same answers.
     let exp = run(&[
