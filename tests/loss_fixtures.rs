@@ -53,6 +53,8 @@ struct Params {
     act: Option<String>,
     #[serde(default)]
     sum_across_class_dim: Option<bool>,
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 fn cases(loss: &str) -> Vec<Case> {
@@ -209,6 +211,24 @@ fn dml_matches_reference() {
             act,
             case.params.sum_across_class_dim.unwrap_or(false),
         );
+        check(&case, &s, loss);
+    }
+}
+
+#[test]
+fn distance_matches_reference() {
+    use kd_engine::loss::functional::{distance, Distance};
+    let cases = cases("distance");
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let mode = match case.params.mode.as_deref() {
+            Some("l2") => Distance::L2,
+            Some("l1") => Distance::L1,
+            Some("smooth_l1") => Distance::SmoothL1,
+            other => panic!("{}: unexpected mode {other:?}", case.name),
+        };
+        let s = student(&case);
+        let loss = distance(s.clone(), teacher(&case), mode);
         check(&case, &s, loss);
     }
 }

@@ -148,6 +148,17 @@ def dml(zs, zt, act, sum_across_class_dim):
     return float(loss.sum(axis=1).mean() if sum_across_class_dim else loss.mean())
 
 
+def distance(zs, zt, mode):
+    """DistanceLoss: mean over all elements of (d^2 | |d| | Huber(delta=1)) with d = z_s - z_t."""
+    d = zs - zt
+    if mode == "l2":
+        return float(np.mean(d * d))
+    if mode == "l1":
+        return float(np.mean(np.abs(d)))
+    a = np.abs(d)
+    return float(np.mean(np.where(a < 1.0, 0.5 * d * d, a - 0.5)))
+
+
 def fd_grad(f, zs, h):
     g = np.zeros_like(zs)
     for idx in np.ndindex(zs.shape):
@@ -196,6 +207,9 @@ def main():
         ("dml_softmax", "dml", dict(act="softmax", sum_across_class_dim=False), 2.0),
         ("dml_softmax_sum", "dml", dict(act="softmax", sum_across_class_dim=True), 2.0),
         ("dml_sigmoid", "dml", dict(act="sigmoid", sum_across_class_dim=False), 2.0),
+        ("distance_l2", "distance", dict(mode="l2"), 2.0),
+        ("distance_l1", "distance", dict(mode="l1"), 2.0),
+        ("distance_smooth_l1", "distance", dict(mode="smooth_l1"), 0.5),
     ]
 
     cases = []
@@ -217,6 +231,10 @@ def main():
             act, across = params["act"], params["sum_across_class_dim"]
             f = lambda z, zt=zt, act=act, across=across: dml(z, zt, act, across)
             full = dict(epsilon=None, temperature=None, alpha=None, beta=None, act=act, sum_across_class_dim=across)
+        elif loss == "distance":
+            mode = params["mode"]
+            f = lambda z, zt=zt, mode=mode: distance(z, zt, mode)
+            full = dict(epsilon=None, temperature=None, alpha=None, beta=None, mode=mode)
         else:
             T, a, b = params["temperature"], params["alpha"], params["beta"]
             f = lambda z, zt=zt, y=y, T=T, a=a, b=b: dkd(z, zt, y, T, a, b)

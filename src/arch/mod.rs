@@ -101,6 +101,7 @@ impl<B: Backend> Backbone<B> {
                 ModelOutput {
                     logits,
                     features: feats,
+                    feature_names: vec![],
                 }
             }
         }
@@ -138,6 +139,18 @@ impl<B: Backend> Backbone<B> {
 pub struct ModelOutput<B: Backend> {
     pub logits: Tensor<B, 2>,
     pub features: Vec<Tensor<B, 4>>,
+    /// The `return_patterns` the features answer to, in the same order.
+    pub feature_names: Vec<String>,
+}
+
+impl<B: Backend> ModelOutput<B> {
+    /// The feature map tapped under `name` (a `return_patterns` entry).
+    pub fn feature(&self, name: &str) -> Option<&Tensor<B, 4>> {
+        self.feature_names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| &self.features[i])
+    }
 }
 
 /// Parses `return_patterns` (`blocks[i]` or `blocksN`) into block indices.
@@ -288,11 +301,18 @@ impl<B: AutodiffBackend> DistillationModel<B> {
                 ModelOutput {
                     logits: Tensor::from_inner(o.logits),
                     features: o.features.into_iter().map(Tensor::from_inner).collect(),
+                    feature_names: vec![],
                 }
             } else {
                 self.trainable.models[slot.index].forward(x.clone(), BnMode::Train, &slot.taps)
             };
-            out.insert(slot.key.clone(), o);
+            out.insert(
+                slot.key.clone(),
+                ModelOutput {
+                    feature_names: slot.spec.return_patterns.clone(),
+                    ..o
+                },
+            );
         }
         out
     }
@@ -311,9 +331,13 @@ impl<B: AutodiffBackend> DistillationModel<B> {
                 } else {
                     &valid.models[slot.index]
                 };
+                let o = m.forward(x.clone(), BnMode::Eval, &slot.taps);
                 (
                     slot.key.clone(),
-                    m.forward(x.clone(), BnMode::Eval, &slot.taps),
+                    ModelOutput {
+                        feature_names: slot.spec.return_patterns.clone(),
+                        ..o
+                    },
                 )
             })
             .collect()

@@ -86,6 +86,34 @@ pub fn dml<B: Backend>(
     }
 }
 
+/// Feature distance (`DistanceLoss`): `l2` mean squared error, `l1` mean absolute error,
+/// `smooth_l1` Huber with δ = 1 (Paddle's defaults), each averaged over all elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Distance {
+    L2,
+    L1,
+    SmoothL1,
+}
+
+pub fn distance<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+    mode: Distance,
+) -> Tensor<B, 1> {
+    let d = a.sub(b);
+    match mode {
+        Distance::L2 => d.square().mean(),
+        Distance::L1 => d.abs().mean(),
+        Distance::SmoothL1 => {
+            let abs = d.clone().abs();
+            let small = abs.clone().lower_elem(1.0);
+            let quadratic = d.square().mul_scalar(0.5);
+            let linear = abs.sub_scalar(0.5);
+            linear.mask_where(small, quadratic).mean()
+        }
+    }
+}
+
 /// Hinton KD: `T² · Σ p_t (log p_t − log p_s) / N` with `p = softmax(z/T)`.
 pub fn kl_div<B: Backend>(
     student: Tensor<B, 2>,

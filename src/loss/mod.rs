@@ -15,6 +15,7 @@ pub const LOSSES: &[&str] = &[
     "CELoss",
     "DistillationCELoss",
     "DistillationDMLLoss",
+    "DistillationDistanceLoss",
     "DistillationGTCELoss",
     "DistillationKLDivLoss",
     "DistillationDKDLoss",
@@ -32,6 +33,8 @@ pub enum Formula {
         act: functional::DmlAct,
         sum_across_class_dim: bool,
     },
+    /// Distance between outputs (often feature maps via `key`); `loss_<mode>_loss_<mode>_<pair index>`.
+    Distance { mode: functional::Distance },
     /// Hinton KD; `loss_kldiv_<A>_<B>`.
     Kl { temperature: f64 },
     /// Decoupled KD with an optional linear warm-up over `warmup` epochs; `loss_dkd_<A>_<B>`.
@@ -111,6 +114,19 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
                 &["act", "sum_across_class_dim"],
             )
         }
+        "DistillationDistanceLoss" => {
+            let mode = match p.str_or("mode", "l2")?.as_str() {
+                "l2" => functional::Distance::L2,
+                "l1" => functional::Distance::L1,
+                "smooth_l1" => functional::Distance::SmoothL1,
+                other => {
+                    return Err(e(format!(
+                        "mode must be l2, l1 or smooth_l1, got {other:?}"
+                    )))
+                }
+            };
+            (Formula::Distance { mode }, &["mode"])
+        }
         "DistillationKLDivLoss" => (
             Formula::Kl {
                 temperature: p.f64_or("temperature", 4.0)?,
@@ -174,7 +190,7 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
     }
     let key = p.str("key")?;
     if let Some(k) = &key {
-        if k != "logits" {
+        if k != "logits" && !matches!(formula, Formula::Distance { .. }) {
             bail!(
                 "{}",
                 p.require("key")?.error(format!(
@@ -320,6 +336,11 @@ fn suffix(formula: &Formula) -> &'static str {
     match formula {
         Formula::GtCe { .. } | Formula::SoftCe => "CELoss",
         Formula::Dml { .. } => "DMLLoss",
+        Formula::Distance { mode } => match mode {
+            functional::Distance::L2 => "loss_l2_loss_l2",
+            functional::Distance::L1 => "loss_l1_loss_l1",
+            functional::Distance::SmoothL1 => "loss_smooth_l1_loss_smooth_l1",
+        },
         Formula::Kl { .. } => "loss_kldiv",
         Formula::Dkd { .. } => "loss_dkd",
     }
@@ -330,7 +351,11 @@ fn term_names(t: &LossTerm) -> Vec<String> {
     match &t.binding {
         Binding::Plain => vec![base.to_string()],
         Binding::Models(ms) => ms.iter().map(|m| format!("{base}_{m}")).collect(),
-        // PaddleClas's DML wrapper appends the pair's index; the others do not.
+        // PaddleClas's Distance wrapper names terms by pair index only, DML appends the index,
+        // the others do not.
+        Binding::Pairs(ps) if matches!(t.formula, Formula::Distance { .. }) => {
+            (0..ps.len()).map(|i| format!("{base}_{i}")).collect()
+        }
         Binding::Pairs(ps) if matches!(t.formula, Formula::Dml { .. }) => ps
             .iter()
             .enumerate()
@@ -369,10 +394,26 @@ fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(Strin
         (Binding::Pairs(ps), f) => ps
             .iter()
             .map(|(a, b)| {
-                let (s, tch) = (
-                    logits(ctx, a)?.logits.clone(),
-                    logits(ctx, b)?.logits.clone(),
-                );
+                let (oa, ob) = (logits(ctx, a)?, logits(ctx, b)?);
+                if let Formula::Distance { mode } = f {
+                    return match t.key.as_deref() {
+                        None | Some("logits") => Ok(functional::distance(
+                            oa.logits.clone(),
+                            ob.logits.clone(),
+                            *mode,
+                        )),
+                        Some(k) => {
+                            let fa = oa.feature(k).ok_or_else(|| {
+                                anyhow!("model {a} has no feature {k:?} (return_patterns)")
+                            })?;
+                            let fb = ob.feature(k).ok_or_else(|| {
+                                anyhow!("model {b} has no feature {k:?} (return_patterns)")
+                            })?;
+                            Ok(functional::distance(fa.clone(), fb.clone(), *mode))
+                        }
+                    };
+                }
+                let (s, tch) = (oa.logits.clone(), ob.logits.clone());
                 Ok(match f {
                     Formula::Kl { temperature } => functional::kl_div(s, tch, *temperature),
                     Formula::SoftCe => functional::soft_cross_entropy(s, tch),
@@ -399,7 +440,9 @@ fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(Strin
                             None => v,
                         }
                     }
-                    Formula::GtCe { .. } => unreachable!("validated in build_term"),
+                    Formula::GtCe { .. } | Formula::Distance { .. } => {
+                        unreachable!("handled above")
+                    }
                 })
             })
             .collect::<Result<_>>()?,
@@ -438,6 +481,7 @@ mod tests {
         let t = |v: Vec<f32>| ModelOutput {
             logits: Tensor::<Flex, 2>::from_data(TensorData::new(v, [2, 3]), &d),
             features: vec![],
+            feature_names: vec![],
         };
         let mut o = Outputs::new();
         o.insert(
@@ -514,6 +558,42 @@ mod tests {
                 "loss"
             ]
         );
+    }
+
+    #[test]
+    fn distance_reads_feature_maps_by_return_pattern() {
+        let l = CombinedLoss::new(&specs(
+            "[{DistillationDistanceLoss: {mode: l1, key: blocks5, model_name_pairs: [[Student, Teacher]]}}, {CELoss: {}}]",
+        ))
+        .unwrap();
+        assert_eq!(l.term_names(), ["loss_l1_loss_l1_0", "CELoss", "loss"]);
+        let (mut o, y) = outputs();
+        let d = Default::default();
+        for (name, v) in [("Student", 1.0f32), ("Teacher", 3.5)] {
+            let m = o.get_mut(name).unwrap();
+            m.features = vec![Tensor::<Flex, 4>::full([2, 2, 2, 2], v, &d)];
+            m.feature_names = vec!["blocks5".into()];
+        }
+        let v = l
+            .forward(&LossContext {
+                outputs: &o,
+                labels: y.clone(),
+                epoch: 1,
+                default_model: "Student",
+            })
+            .unwrap();
+        assert!((value(&v.terms[0].1) - 2.5).abs() < 1e-6);
+        o.get_mut("Teacher").unwrap().feature_names = vec!["blocks4".into()];
+        let e = l
+            .forward(&LossContext {
+                outputs: &o,
+                labels: y,
+                epoch: 1,
+                default_model: "Student",
+            })
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("blocks5"), "{e}");
     }
 
     #[test]
