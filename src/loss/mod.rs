@@ -365,7 +365,8 @@ fn term_names(t: &LossTerm) -> Vec<String> {
     }
 }
 
-fn logits<'a, B: Backend>(ctx: &'a LossContext<B>, name: &str) -> Result<&'a ModelOutput<B>> {
+/// The outputs of model `name`.
+fn output<'a, B: Backend>(ctx: &'a LossContext<B>, name: &str) -> Result<&'a ModelOutput<B>> {
     ctx.outputs
         .get(name)
         .ok_or_else(|| anyhow!("no output for model {name:?}"))
@@ -376,7 +377,7 @@ fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(Strin
     let values: Vec<Tensor<B, 1>> = match (&t.binding, &t.formula) {
         (Binding::Plain, Formula::GtCe { epsilon }) => {
             vec![functional::cross_entropy(
-                logits(ctx, ctx.default_model)?.logits.clone(),
+                output(ctx, ctx.default_model)?.logits.clone(),
                 ctx.labels.clone(),
                 *epsilon,
             )]
@@ -385,7 +386,7 @@ fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(Strin
             .iter()
             .map(|m| {
                 Ok(functional::cross_entropy(
-                    logits(ctx, m)?.logits.clone(),
+                    output(ctx, m)?.logits.clone(),
                     ctx.labels.clone(),
                     *epsilon,
                 ))
@@ -394,7 +395,7 @@ fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(Strin
         (Binding::Pairs(ps), f) => ps
             .iter()
             .map(|(a, b)| {
-                let (oa, ob) = (logits(ctx, a)?, logits(ctx, b)?);
+                let (oa, ob) = (output(ctx, a)?, output(ctx, b)?);
                 if let Formula::Distance { mode } = f {
                     return match t.key.as_deref() {
                         None | Some("logits") => Ok(functional::distance(
@@ -495,6 +496,20 @@ mod tests {
         )
     }
 
+    fn run(
+        l: &CombinedLoss,
+        o: &Outputs<Flex>,
+        y: &Tensor<Flex, 1, Int>,
+        epoch: usize,
+    ) -> Result<LossValues<Flex>> {
+        l.forward(&LossContext {
+            outputs: o,
+            labels: y.clone(),
+            epoch,
+            default_model: "Student",
+        })
+    }
+
     fn value(t: &Tensor<Flex, 1>) -> f32 {
         t.clone().into_data().to_vec::<f32>().unwrap()[0]
     }
@@ -510,14 +525,7 @@ mod tests {
             ["CELoss_Student", "loss_dkd_Student_Teacher", "loss"]
         );
         let (o, y) = outputs();
-        let v = l
-            .forward(&LossContext {
-                outputs: &o,
-                labels: y.clone(),
-                epoch: 1,
-                default_model: "Student",
-            })
-            .unwrap();
+        let v = run(&l, &o, &y, 1).unwrap();
         let ce = value(&functional::cross_entropy(
             o["Student"].logits.clone(),
             y.clone(),
@@ -574,25 +582,10 @@ mod tests {
             m.features = vec![Tensor::<Flex, 4>::full([2, 2, 2, 2], v, &d)];
             m.feature_names = vec!["blocks5".into()];
         }
-        let v = l
-            .forward(&LossContext {
-                outputs: &o,
-                labels: y.clone(),
-                epoch: 1,
-                default_model: "Student",
-            })
-            .unwrap();
+        let v = run(&l, &o, &y, 1).unwrap();
         assert!((value(&v.terms[0].1) - 2.5).abs() < 1e-6);
         o.get_mut("Teacher").unwrap().feature_names = vec!["blocks4".into()];
-        let e = l
-            .forward(&LossContext {
-                outputs: &o,
-                labels: y,
-                epoch: 1,
-                default_model: "Student",
-            })
-            .err()
-            .unwrap();
+        let e = run(&l, &o, &y, 1).err().unwrap();
         assert!(e.to_string().contains("blocks5"), "{e}");
     }
 
@@ -603,14 +596,7 @@ mod tests {
         ))
         .unwrap();
         let (o, y) = outputs();
-        let v = l
-            .forward(&LossContext {
-                outputs: &o,
-                labels: y,
-                epoch: 1,
-                default_model: "Student",
-            })
-            .unwrap();
+        let v = run(&l, &o, &y, 1).unwrap();
         let kl = value(&functional::kl_div(
             o["Student"].logits.clone(),
             o["Teacher"].logits.clone(),
@@ -626,18 +612,7 @@ mod tests {
         ))
         .unwrap();
         let (o, y) = outputs();
-        let at = |epoch| {
-            value(
-                &l.forward(&LossContext {
-                    outputs: &o,
-                    labels: y.clone(),
-                    epoch,
-                    default_model: "Student",
-                })
-                .unwrap()
-                .total,
-            )
-        };
+        let at = |epoch| value(&run(&l, &o, &y, epoch).unwrap().total);
         assert!((at(1) * 4.0 - at(4)).abs() < 1e-5);
         assert_eq!(at(4), at(9));
     }
