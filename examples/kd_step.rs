@@ -42,7 +42,8 @@ fn main() -> anyhow::Result<()> {
     let cfg = Config::from_tree(tree, Path::new("bench.yaml"), vec![])?;
     let device = Default::default();
     let mut model = DistillationModel::<B>::new(&cfg.arch, false, &device)?;
-    let loss = CombinedLoss::new(&cfg.train_loss)?;
+    let loss = CombinedLoss::new(&cfg.train_loss, &cfg.arch)?;
+    model.trainable.loss_parts = loss.init_parts(&device);
     let mut optim = kd_engine::burn::optim::SgdConfig::new()
         .with_momentum(Some(
             kd_engine::burn::optim::momentum::MomentumConfig::new()
@@ -70,6 +71,10 @@ fn main() -> anyhow::Result<()> {
             labels: y,
             epoch: 1,
             default_model: &cfg.arch.infer_model_name,
+            parts: &model.trainable.loss_parts,
+            mode: kd_engine::arch::BnMode::Train,
+            seed: 0,
+            step: step as u64,
         })?;
         last = values.total.clone().into_data().to_vec::<f32>().unwrap()[0];
         let grads = GradientsParams::from_grads(values.total.backward(), &model.trainable);

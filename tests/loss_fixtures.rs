@@ -24,6 +24,25 @@ const GRAD_TOL: f64 = 1e-5;
 #[derive(Deserialize)]
 struct Fixtures {
     cases: Vec<Case>,
+    #[serde(default)]
+    part_cases: Vec<PartCase>,
+}
+
+/// A loss with its own layers: every input and weight given, gradients for some of them.
+#[derive(Deserialize)]
+struct PartCase {
+    name: String,
+    loss: String,
+    params: std::collections::BTreeMap<String, f64>,
+    inputs: std::collections::BTreeMap<String, Array>,
+    value: f64,
+    grads: std::collections::BTreeMap<String, Vec<f64>>,
+}
+
+#[derive(Deserialize)]
+struct Array {
+    shape: Vec<usize>,
+    data: Vec<f64>,
 }
 
 #[derive(Deserialize)]
@@ -55,13 +74,25 @@ struct Params {
     sum_across_class_dim: Option<bool>,
     #[serde(default)]
     mode: Option<String>,
+    #[serde(default)]
+    gamma: Option<f64>,
+    #[serde(default)]
+    multiplier: Option<f64>,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/loss_fixtures.json");
+
+fn fixtures() -> Fixtures {
+    let path = FIXTURES;
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {path}: {e}"))
 }
 
 fn cases(loss: &str) -> Vec<Case> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/loss_fixtures.json");
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    let fixtures: Fixtures =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {path}: {e}"));
+    let path = FIXTURES;
+    let fixtures = fixtures();
     let cases: Vec<Case> = fixtures
         .cases
         .into_iter()
@@ -231,4 +262,210 @@ fn distance_matches_reference() {
         let loss = distance(s.clone(), teacher(&case), mode);
         check(&case, &s, loss);
     }
+}
+
+#[test]
+fn wsl_matches_reference() {
+    use kd_engine::loss::functional::wsl;
+    for case in cases("wsl") {
+        let s = student(&case);
+        let t = param(&case, case.params.temperature, "temperature");
+        let loss = wsl(s.clone(), teacher(&case), labels(&case), t);
+        check(&case, &s, loss);
+    }
+}
+
+#[test]
+fn dist_matches_reference() {
+    use kd_engine::loss::functional::dist;
+    for case in cases("dist") {
+        let s = student(&case);
+        let beta = param(&case, case.params.beta, "beta");
+        let gamma = param(&case, case.params.gamma, "gamma");
+        let loss = dist(s.clone(), teacher(&case), beta, gamma);
+        check(&case, &s, loss);
+    }
+}
+
+#[test]
+fn skd_matches_reference() {
+    use kd_engine::loss::functional::skd;
+    for case in cases("skd") {
+        let s = student(&case);
+        let t = param(&case, case.params.temperature, "temperature");
+        let m = param(&case, case.params.multiplier, "multiplier");
+        let alpha = param(&case, case.params.alpha, "alpha");
+        let loss = skd(s.clone(), teacher(&case), labels(&case), t, m, alpha);
+        check(&case, &s, loss);
+    }
+}
+
+#[test]
+fn rkd_terms_match_reference() {
+    use kd_engine::loss::functional::{rkd_angle, rkd_distance, RkdVariant};
+    let distance_cases = cases("rkd_distance");
+    assert_eq!(distance_cases.len(), 2);
+    for case in distance_cases {
+        let variant = match case.params.variant.as_deref() {
+            Some("paddle") => RkdVariant::Paddle,
+            Some("paper") => RkdVariant::Paper,
+            other => panic!("{}: unexpected variant {other:?}", case.name),
+        };
+        let s = student(&case);
+        let loss = rkd_distance(s.clone(), teacher(&case), variant);
+        check(&case, &s, loss);
+    }
+    for case in cases("rkd_angle") {
+        let s = student(&case);
+        let loss = rkd_angle(s.clone(), teacher(&case));
+        check(&case, &s, loss);
+    }
+}
+
+/// Inputs of a part case as tensors that track gradients.
+struct PartInputs<'a> {
+    case: &'a PartCase,
+}
+
+impl PartInputs<'_> {
+    fn get<const D: usize>(&self, name: &str) -> Tensor<B, D> {
+        let a = self
+            .case
+            .inputs
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no input {name}", self.case.name));
+        let shape: [usize; D] = a.shape.clone().try_into().unwrap_or_else(|_| {
+            panic!("{}: {name} has shape {:?}, not rank {D}", self.case.name, a.shape)
+        });
+        let data: Vec<f32> = a.data.iter().map(|&v| v as f32).collect();
+        Tensor::<B, D>::from_data(TensorData::new(data, shape), &device()).require_grad()
+    }
+}
+
+fn part_case(loss: &str) -> PartCase {
+    fixtures()
+        .part_cases
+        .into_iter()
+        .find(|c| c.loss == loss)
+        .unwrap_or_else(|| panic!("no '{loss}' part case in {FIXTURES}"))
+}
+
+/// Checks the value and, for every input with a reference gradient, that gradient.
+fn check_part<const D: usize>(
+    case: &PartCase,
+    loss: Tensor<B, 1>,
+    watched: Vec<(&str, Tensor<B, D>)>,
+    more: Vec<(&str, Tensor<B, 2>)>,
+) {
+    let value = loss.clone().into_data().to_vec::<f32>().unwrap()[0] as f64;
+    let tol = VALUE_TOL * case.value.abs().max(1.0);
+    assert!(
+        (value - case.value).abs() <= tol,
+        "{}: value {value} vs reference {}",
+        case.name,
+        case.value
+    );
+    let grads = loss.backward();
+    let mut compared = 0;
+    let mut compare = |name: &str, g: Vec<f32>| {
+        let want = &case.grads[name];
+        assert_eq!(g.len(), want.len(), "{}: {name} gradient length", case.name);
+        for (i, (&g, &r)) in g.iter().zip(want).enumerate() {
+            assert!(
+                ((g as f64) - r).abs() <= GRAD_TOL,
+                "{}: d/d{name}[{i}] = {g} vs reference {r}",
+                case.name
+            );
+        }
+        compared += 1;
+    };
+    for (name, t) in watched {
+        compare(name, t.grad(&grads).unwrap().into_data().to_vec().unwrap());
+    }
+    for (name, t) in more {
+        compare(name, t.grad(&grads).unwrap().into_data().to_vec().unwrap());
+    }
+    assert_eq!(compared, case.grads.len(), "{}: every reference gradient compared", case.name);
+}
+
+#[test]
+fn mgd_matches_reference() {
+    use kd_engine::burn::module::Param;
+    use kd_engine::loss::parts::{Conv, Mgd};
+    let case = part_case("mgd");
+    let x = PartInputs { case: &case };
+    let conv = |w: Tensor<B, 4>, b: Tensor<B, 1>| Conv {
+        weight: Param::from_tensor(w),
+        bias: Param::from_tensor(b),
+    };
+    let (fs, w0) = (x.get::<4>("fs"), x.get::<4>("w0"));
+    let mgd = Mgd {
+        align: None,
+        generator0: conv(w0.clone(), x.get("b0")),
+        generator1: conv(x.get("w1"), x.get("b1")),
+    };
+    let loss = mgd.forward(fs.clone(), x.get("ft"), x.get("mask"), case.params["alpha"]);
+    check_part(&case, loss, vec![("fs", fs), ("w0", w0)], vec![]);
+}
+
+#[test]
+fn pefd_matches_reference() {
+    use kd_engine::burn::module::Param;
+    use kd_engine::loss::parts::{Conv, Pefd};
+    let case = part_case("pefd");
+    let x = PartInputs { case: &case };
+    let fs = x.get::<4>("fs");
+    let ws: Vec<Tensor<B, 4>> = (0..3).map(|i| x.get(&format!("w{i}"))).collect();
+    let pefd = Pefd {
+        projectors: ws
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Conv {
+                weight: Param::from_tensor(w.clone()),
+                bias: Param::from_tensor(x.get(&format!("b{i}"))),
+            })
+            .collect(),
+    };
+    let loss = pefd.forward(fs.clone(), x.get("ft"));
+    check_part(&case, loss, vec![("fs", fs), ("w1", ws[1].clone())], vec![]);
+}
+
+#[test]
+fn afd_matches_reference() {
+    use kd_engine::arch::layers::BatchNorm2d;
+    use kd_engine::arch::BnMode;
+    use kd_engine::burn::module::Param;
+    use kd_engine::loss::parts::{Afd, LinearBn};
+    let case = part_case("afd");
+    let x = PartInputs { case: &case };
+    let linear = |w: Tensor<B, 2>, b: Tensor<B, 1>| {
+        let nout = b.dims()[0];
+        LinearBn {
+            weight: Param::from_tensor(w),
+            bias: Param::from_tensor(b),
+            bn: BatchNorm2d::new(nout, &device()),
+        }
+    };
+    let fs: Vec<Tensor<B, 4>> = (0..2).map(|i| x.get(&format!("fs{i}"))).collect();
+    let ft: Vec<Tensor<B, 4>> = (0..3).map(|i| x.get(&format!("ft{i}"))).collect();
+    let (p_s, bl_w) = (x.get::<2>("p_s"), x.get::<2>("bl_w"));
+    let afd = Afd {
+        query: (0..3)
+            .map(|i| linear(x.get(&format!("q_w{i}")), x.get(&format!("q_b{i}"))))
+            .collect(),
+        key: (0..2)
+            .map(|i| linear(x.get(&format!("k_w{i}")), x.get(&format!("k_b{i}"))))
+            .collect(),
+        bilinear: linear(bl_w.clone(), x.get("bl_b")),
+        p_t: Param::from_tensor(x.get("p_t")),
+        p_s: Param::from_tensor(p_s.clone()),
+        qk_dim: case.params["qk_dim"] as usize,
+    };
+    let loss = afd.forward(&fs, &ft, BnMode::Train);
+    check_part(
+        &case,
+        loss,
+        vec![("fs0", fs[0].clone()), ("fs1", fs[1].clone())],
+        vec![("p_s", p_s), ("bl_w", bl_w)],
+    );
 }

@@ -1,5 +1,6 @@
 //! Building blocks shared by the backbones: a BatchNorm whose mode is explicit (so a frozen teacher
-//! can run in eval mode, or on batch statistics as PaddleClas does, on any backend) and Conv+BN.
+//! can run in eval mode, or on batch statistics as PaddleClas does, on any backend), Conv+BN(+act),
+//! Paddle's activations, squeeze-and-excitation, and Paddle's dropout.
 
 use burn::module::{Module, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -100,27 +101,110 @@ impl<B: Backend> BatchNorm2d<B> {
     }
 }
 
-/// Convolution (no bias) followed by BatchNorm, optionally ReLU.
+/// The activation after a [`ConvBn`] (PaddleClas's `act` argument).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    Hardswish,
+}
+
+impl Act {
+    pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Act::None => x,
+            Act::Relu => burn::tensor::activation::relu(x),
+            Act::Hardswish => hardswish(x),
+        }
+    }
+}
+
+/// Paddle's `hardswish`: `x · min(max(x + 3, 0), 6) / 6`.
+pub fn hardswish<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    // burn's hard_swish is x · clamp(x/6 + 1/2, 0, 1): the same function.
+    burn::tensor::activation::hard_swish(x)
+}
+
+/// Paddle's `hardsigmoid(x, slope, offset)`: `clamp(slope · x + offset, 0, 1)`.
+pub fn hardsigmoid<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    slope: f64,
+    offset: f64,
+) -> Tensor<B, D> {
+    burn::tensor::activation::hard_sigmoid(x, slope, offset)
+}
+
+/// Slope of `paddle.nn.Hardsigmoid` (the functional's default, a rounded 1/6).
+pub const PADDLE_HARDSIGMOID_SLOPE: f64 = 0.1666667;
+
+/// Global average pool to `[N, C, 1, 1]`, reduced over a contiguous `[N, C, HW]` view.
+pub fn global_avg_pool<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c, 1, 1])
+}
+
+/// A 1×1 convolution applied to pooled `[N, C, 1, 1]` features as one matrix product (the
+/// weight keeps its convolution shape `[out, in, 1, 1]`, so names and shapes stay PaddleClas's).
+pub fn pointwise_on_pooled<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, c, _, _] = x.dims();
+    let [out, cin, _, _] = conv.weight.dims();
+    debug_assert_eq!(c, cin, "1x1 convolution over {c} channels expects {cin}");
+    let w = conv.weight.val().reshape([out, cin]).transpose();
+    let mut y = x.reshape([n, c]).matmul(w);
+    if let Some(b) = &conv.bias {
+        y = y.add(b.val().reshape([1, out]));
+    }
+    y.reshape([n, out, 1, 1])
+}
+
+/// Convolution (no bias) followed by BatchNorm and an activation: PaddleClas's `ConvBNLayer`.
+/// `groups > 1` is a grouped (depthwise when `groups == cin == cout`) convolution.
 #[derive(Module, Debug)]
 pub struct ConvBn<B: Backend> {
     pub conv: Conv2d<B>,
     pub bn: BatchNorm2d<B>,
-    pub relu: bool,
+    #[module(skip)]
+    pub act: Act,
 }
 
 impl<B: Backend> ConvBn<B> {
+    /// A dense (`groups = 1`) `kernel`×`kernel` convolution, padding `kernel / 2`.
     pub fn new(
         cin: usize,
         cout: usize,
         kernel: usize,
         stride: usize,
-        relu: bool,
+        act: Act,
+        device: &B::Device,
+    ) -> Self {
+        Self::grouped(cin, cout, kernel, stride, 1, act, device)
+    }
+
+    /// A depthwise convolution: one `kernel`×`kernel` filter per channel.
+    pub fn depthwise(
+        channels: usize,
+        kernel: usize,
+        stride: usize,
+        act: Act,
+        device: &B::Device,
+    ) -> Self {
+        Self::grouped(channels, channels, kernel, stride, channels, act, device)
+    }
+
+    fn grouped(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        groups: usize,
+        act: Act,
         device: &B::Device,
     ) -> Self {
         let pad = kernel / 2;
         let conv = Conv2dConfig::new([cin, cout], [kernel, kernel])
             .with_stride([stride, stride])
             .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+            .with_groups(groups)
             .with_bias(false)
             // He initialisation for ReLU networks (fan-out, as torchvision's ResNet).
             .with_initializer(Initializer::KaimingNormal {
@@ -131,12 +215,13 @@ impl<B: Backend> ConvBn<B> {
         ConvBn {
             conv,
             bn: BatchNorm2d::new(cout, device),
-            relu,
+            act,
         }
     }
 
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
-        let conv = if CPU_CONV.load(Ordering::Relaxed) {
+        // The CPU convolution is dense only: grouped convolutions always take burn's.
+        let conv = if self.conv.groups == 1 && CPU_CONV.load(Ordering::Relaxed) {
             let pad = self.conv.weight.dims()[2] / 2;
             match super::cpu_conv::try_conv2d(x, self.conv.weight.val(), self.conv.stride[0], pad) {
                 Ok(y) => y,
@@ -145,11 +230,71 @@ impl<B: Backend> ConvBn<B> {
         } else {
             self.conv.forward(x)
         };
-        let y = self.bn.forward(conv, mode);
-        if self.relu {
-            burn::tensor::activation::relu(y)
-        } else {
-            y
+        self.act.apply(self.bn.forward(conv, mode))
+    }
+}
+
+/// Squeeze-and-excitation as PaddleClas writes it: global average pool, 1×1 conv to `C/4`
+/// (with bias), ReLU, 1×1 conv back to `C` (with bias), hardsigmoid, channel-wise product.
+/// The hardsigmoid's slope differs between families (PP-LCNet: Paddle's default ≈ 1/6;
+/// MobileNetV3: 0.2), so it is a field.
+#[derive(Module, Debug)]
+pub struct SeModule<B: Backend> {
+    pub conv1: Conv2d<B>,
+    pub conv2: Conv2d<B>,
+    pub slope: f64,
+}
+
+impl<B: Backend> SeModule<B> {
+    pub fn new(channels: usize, slope: f64, device: &B::Device) -> Self {
+        let squeezed = channels / 4;
+        SeModule {
+            conv1: Conv2dConfig::new([channels, squeezed], [1, 1]).init(device),
+            conv2: Conv2dConfig::new([squeezed, channels], [1, 1]).init(device),
+            slope,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [n, c, h, w] = x.dims();
+        let s = pointwise_on_pooled(&self.conv1, global_avg_pool(x.clone()));
+        let s = pointwise_on_pooled(&self.conv2, burn::tensor::activation::relu(s));
+        let scale = hardsigmoid(s, self.slope, 0.5);
+        // Expanding [N, C, 1, 1] over H×W as an explicit per-row repeat is flex's fast pattern.
+        x.mul(
+            scale
+                .reshape([n, c, 1])
+                .repeat_dim(2, h * w)
+                .reshape([n, c, h, w]),
+        )
+    }
+}
+
+/// Paddle's `Dropout(p, mode="downscale_in_infer")`, which PP-LCNet and MobileNetV3 use: in
+/// training each element is kept with probability `1 - p` and NOT rescaled; in evaluation
+/// everything is multiplied by `1 - p`. Training vs evaluation follows the [`BnMode`] of the
+/// forward pass (so a frozen teacher run on batch statistics, as PaddleClas does, also drops).
+#[derive(Module, Clone, Debug)]
+pub struct PaddleDropout {
+    pub prob: f64,
+}
+
+impl PaddleDropout {
+    pub fn forward<B: Backend, const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        mode: BnMode,
+    ) -> Tensor<B, D> {
+        if self.prob == 0.0 {
+            return x;
+        }
+        let keep = 1.0 - self.prob;
+        match mode {
+            BnMode::Train => {
+                let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
+                x.mul(mask)
+            }
+            BnMode::Eval => x.mul_scalar(keep),
         }
     }
 }

@@ -1,138 +1,26 @@
 //! Backbones (the registry from config names), their feature taps, and the distillation model: a
 //! set of named sub-models, some frozen, whose outputs the losses read by name and key.
 
+pub mod backbone;
 pub mod cpu_conv;
 pub mod layers;
+pub mod mobilenet_v3;
+pub mod pplcnet;
 pub mod resnet;
+pub mod taps;
 pub mod weights;
 
 use crate::config::{ArchConfig, ModelSpec};
 use anyhow::{anyhow, bail, Context, Result};
+pub use backbone::{Backbone, BACKBONES};
 use burn::module::{AutodiffModule, Module};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 pub use layers::BnMode;
-use resnet::{ResNet, ResNetKind};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Backbone names the registry knows, as written in `Arch.name` / `Arch.models[i].<Key>.name`.
-pub const BACKBONES: &[&str] = &[
-    "ResNet18",
-    "ResNet34",
-    "ResNet50",
-    "ResNet101",
-    "ResNet152",
-    "resnet8",
-    "resnet14",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-    "resnet8x4",
-    "resnet32x4",
-];
-
-fn resnet_kind(name: &str) -> Option<ResNetKind> {
-    let depth = |s: &str| s.parse::<usize>().ok();
-    if let Some(d) = name.strip_prefix("ResNet").and_then(depth) {
-        return Some(ResNetKind::ImageNet { depth: d });
-    }
-    let rest = name.strip_prefix("resnet")?;
-    match rest.strip_suffix("x4") {
-        Some(d) => depth(d).map(|d| ResNetKind::Cifar { depth: d, widen: 4 }),
-        None => depth(rest).map(|d| ResNetKind::Cifar { depth: d, widen: 1 }),
-    }
-}
-
-#[derive(Module, Debug)]
-pub enum Backbone<B: Backend> {
-    ResNet(ResNet<B>),
-}
-
-impl<B: Backend> Backbone<B> {
-    /// Builds the backbone named in `spec` (unknown names list the known ones).
-    pub fn from_spec(spec: &ModelSpec, device: &B::Device) -> Result<Self> {
-        let err = |m: String| anyhow!("{}", spec.params.error(m));
-        let kind = BACKBONES
-            .contains(&spec.name.as_str())
-            .then(|| resnet_kind(&spec.name))
-            .flatten()
-            .ok_or_else(|| {
-                err(format!(
-                    "unknown backbone {:?}; known backbones: {}",
-                    spec.name,
-                    BACKBONES.join(", ")
-                ))
-            })?;
-        let stem = spec.params.str_or("stem", "imagenet")?;
-        let cifar_stem = match stem.as_str() {
-            "imagenet" => false,
-            "cifar" => true,
-            other => {
-                return Err(err(format!(
-                    "stem must be imagenet or cifar, got {other:?}"
-                )))
-            }
-        };
-        if spec.class_num == 0 {
-            return Err(err("class_num must be at least 1".into()));
-        }
-        let net = ResNet::new(kind, spec.class_num, cifar_stem, device).map_err(err)?;
-        let backbone = Backbone::ResNet(net);
-        // Parameters are initialised lazily; touch them all now, in a fixed order, so a seeded run
-        // gets the same weights whatever is cloned later.
-        let _ = backbone.num_params();
-        Ok(backbone)
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        match self {
-            Backbone::ResNet(r) => r.blocks.len(),
-        }
-    }
-
-    pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode, taps: &[usize]) -> ModelOutput<B> {
-        match self {
-            Backbone::ResNet(r) => {
-                let (logits, feats) = r.forward(x, mode, taps);
-                ModelOutput {
-                    logits,
-                    features: feats,
-                    feature_names: vec![],
-                }
-            }
-        }
-    }
-
-    /// Trainable parameters: `num_params` minus BatchNorm running statistics.
-    pub fn num_trainable_params(&self) -> usize {
-        #[derive(Default)]
-        struct Count {
-            path: Vec<String>,
-            total: usize,
-        }
-        impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
-            fn enter_module(&mut self, name: &str, _container: &str) {
-                self.path.push(name.to_string());
-            }
-            fn exit_module(&mut self, _name: &str, _container: &str) {
-                self.path.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<B, D>>) {
-                let running = self.path.last().is_some_and(|n| n.starts_with("running_"));
-                if !running {
-                    self.total += p.shape().num_elements();
-                }
-            }
-        }
-        let mut c = Count::default();
-        self.visit(&mut c);
-        c.total
-    }
-}
+pub use taps::parse_taps;
 
 /// What one model returns: logits and the tapped feature maps (in `return_patterns` order).
 #[derive(Clone, Debug)]
@@ -153,36 +41,16 @@ impl<B: Backend> ModelOutput<B> {
     }
 }
 
-/// Parses `return_patterns` (`blocks[i]` or `blocksN`) into block indices.
-pub fn parse_taps(spec: &ModelSpec, num_blocks: usize) -> Result<Vec<usize>> {
-    spec.return_patterns
-        .iter()
-        .map(|p| {
-            let idx = p
-                .strip_prefix("blocks[")
-                .and_then(|s| s.strip_suffix(']'))
-                .or_else(|| p.strip_prefix("blocks"))
-                .and_then(|s| s.parse::<usize>().ok());
-            match idx {
-                Some(i) if i < num_blocks => Ok(i),
-                _ => Err(anyhow!(
-                    "{}",
-                    spec.params.error(format!(
-                        "return_patterns: {p:?} is not a layer of {}; valid: blocks[0] .. blocks[{}]",
-                        spec.name,
-                        num_blocks - 1
-                    ))
-                )),
-            }
-        })
-        .collect()
-}
-
-/// The models a trainer optimises, as one module so one optimizer and one record cover them.
+/// What a trainer optimises, as one module so one optimizer and one record cover it: the
+/// trainable models and the losses' own layers (MGD's generator, AFD's attention, ...).
 #[derive(Module, Debug)]
 pub struct TrainableSet<B: Backend> {
     pub models: Vec<Backbone<B>>,
+    pub loss_parts: Vec<crate::loss::parts::LossPart<B>>,
 }
+
+/// File stem of the losses' trainable layers in a checkpoint directory.
+pub const LOSS_PARTS_FILE: &str = "loss_parts";
 
 /// Where a named model lives and what it returns.
 #[derive(Clone, Debug)]
@@ -245,21 +113,24 @@ impl<B: AutodiffBackend> DistillationModel<B> {
         let mut frozen = vec![];
         let mut slots = vec![];
         for spec in &arch.models {
-            let (index, blocks) = if spec.frozen {
+            let (index, tap_names, stage_names) = if spec.frozen {
                 let m = Backbone::<B::InnerBackend>::from_spec(spec, device)?;
-                let n = m.num_blocks();
+                let names = (m.tap_names(), m.stage_names());
                 frozen.push(m);
-                (frozen.len() - 1, n)
+                (frozen.len() - 1, names.0, names.1)
             } else {
                 let m = Backbone::<B>::from_spec(spec, device)?;
-                let n = m.num_blocks();
+                let names = (m.tap_names(), m.stage_names());
                 trainable.push(m);
-                (trainable.len() - 1, n)
+                (trainable.len() - 1, names.0, names.1)
             };
+            // `return_stages` becomes the patterns it stands for, so outputs are named by them.
+            let mut spec = spec.clone();
+            spec.return_patterns = taps::resolve_return_patterns(&spec, &stage_names)?;
             slots.push(ModelSlot {
                 key: spec.key.clone(),
-                spec: spec.clone(),
-                taps: parse_taps(spec, blocks)?,
+                taps: parse_taps(&spec, &tap_names)?,
+                spec,
                 index,
             });
         }
@@ -267,7 +138,10 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             bail!("Arch.freeze_params_list freezes every model: nothing would be trained");
         }
         Ok(DistillationModel {
-            trainable: TrainableSet { models: trainable },
+            trainable: TrainableSet {
+                models: trainable,
+                loss_parts: vec![],
+            },
             frozen,
             slots,
             infer_model_name: arch.infer_model_name.clone(),
@@ -369,6 +243,40 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             }
             .with_context(|| format!("saving model {} to {}", slot.key, path.display()))?;
         }
+        if !self.trainable.loss_parts.is_empty() {
+            let path = dir.join(LOSS_PARTS_FILE);
+            self.trainable
+                .loss_parts
+                .clone()
+                .save_file(&path, &recorder())
+                .with_context(|| format!("saving the losses' layers to {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Loads the losses' trainable layers (when the model has any) from a checkpoint directory.
+    pub fn load_loss_parts(&mut self, dir: &Path, device: &B::Device) -> Result<()> {
+        if self.trainable.loss_parts.is_empty() {
+            return Ok(());
+        }
+        let file = dir.join(format!("{LOSS_PARTS_FILE}.mpk"));
+        let ctx = || format!("loading the losses' trainable layers from {}", file.display());
+        if !file.is_file() {
+            bail!("{}: file not found (was the checkpoint written for another Loss config?)", ctx());
+        }
+        let parts = std::mem::take(&mut self.trainable.loss_parts);
+        let expected = weights::named_shapes(&parts);
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            parts.load_file(&file, &recorder(), device)
+        }))
+        .map_err(|_| anyhow!("the file holds layers of a different structure"))
+        .with_context(ctx)?
+        .with_context(ctx)?;
+        let diff = weights::shape_differences(&expected, &weights::named_shapes(&loaded));
+        if !diff.is_empty() {
+            bail!("{}: shapes differ: {}", ctx(), diff.join("; "));
+        }
+        self.trainable.loss_parts = loaded;
         Ok(())
     }
 
@@ -405,7 +313,8 @@ mod tests {
     use crate::config::{Node, Pretrained};
     use burn::backend::Flex;
 
-    fn spec(name: &str, class_num: usize, extra: &str) -> ModelSpec {
+    /// A model entry `{name: <name><extra>}`, e.g. `extra = ", stem: cifar"`.
+    pub(crate) fn spec(name: &str, class_num: usize, extra: &str) -> ModelSpec {
         let value = serde_yaml::from_str(&format!("{{name: {name}{extra}}}")).unwrap();
         ModelSpec {
             key: "m".into(),
@@ -418,43 +327,13 @@ mod tests {
         }
     }
 
-    fn params(name: &str, classes: usize, extra: &str) -> usize {
-        Backbone::<Flex>::from_spec(&spec(name, classes, extra), &Default::default())
-            .unwrap()
-            .num_trainable_params()
-    }
-
-    /// Counts of the published architectures (torchvision for ImageNet ResNets; the CRD/DKD
-    /// repositories' CIFAR ResNets at 100 classes).
-    #[test]
-    fn parameter_counts_match_the_reference_architectures() {
-        assert_eq!(params("ResNet18", 1000, ""), 11_689_512);
-        assert_eq!(params("ResNet34", 1000, ""), 21_797_672);
-        assert_eq!(params("ResNet50", 1000, ""), 25_557_032);
-        assert_eq!(params("resnet8x4", 100, ""), 1_233_540);
-        assert_eq!(params("resnet32x4", 100, ""), 7_433_860);
-        assert_eq!(params("resnet20", 100, ""), 278_324);
-        assert_eq!(params("resnet56", 100, ""), 861_620);
-        // kuangliu-style CIFAR ResNet18 (3x3 stem, no max-pool).
-        assert_eq!(params("ResNet18", 100, ", stem: cifar"), 11_220_132);
-    }
-
-    #[test]
-    fn unknown_backbone_lists_known_ones() {
-        let e = Backbone::<Flex>::from_spec(&spec("ResNet19", 10, ""), &Default::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("unknown backbone") && e.contains("resnet8x4"),
-            "{e}"
-        );
-    }
-
     fn running_mean_of_teacher(
         model: &DistillationModel<burn::backend::Autodiff<Flex>>,
     ) -> Vec<f32> {
-        let Backbone::ResNet(r) = &model.frozen[0];
-        r.stem
+        let Backbone::ResNet(r) = &model.frozen[0] else {
+            panic!("the teacher is a ResNet")
+        };
+        r.stem[0]
             .bn
             .running_mean
             .value_sync()
@@ -522,24 +401,5 @@ mod tests {
         assert!(e.contains("fc.weight"), "{e}");
         let same = Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d).unwrap();
         assert!(load_checked(same, &file, &d).is_ok());
-    }
-
-    #[test]
-    fn taps_return_block_outputs() {
-        let mut s = spec("resnet8x4", 10, "");
-        s.return_patterns = vec!["blocks[2]".into(), "blocks0".into()];
-        let m = Backbone::<Flex>::from_spec(&s, &Default::default()).unwrap();
-        let taps = parse_taps(&s, m.num_blocks()).unwrap();
-        assert_eq!(taps, vec![2, 0]);
-        let x = Tensor::<Flex, 4>::zeros([2, 3, 32, 32], &Default::default());
-        let out = m.forward(x, BnMode::Eval, &taps);
-        assert_eq!(out.logits.dims(), [2, 10]);
-        assert_eq!(out.features[0].dims(), [2, 256, 8, 8]);
-        assert_eq!(out.features[1].dims(), [2, 64, 32, 32]);
-        s.return_patterns = vec!["blocks[3]".into()];
-        assert!(parse_taps(&s, m.num_blocks())
-            .unwrap_err()
-            .to_string()
-            .contains("blocks[2]"));
     }
 }

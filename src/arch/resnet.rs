@@ -3,10 +3,16 @@
 //!
 //! * ImageNet ResNet18/34/50 (He et al. 2016): 7×7/2 stem + 3×3/2 max-pool, four stages.
 //!   `stem: cifar` swaps in a 3×3/1 stem without max-pool (the CIFAR ResNet18/34 of KD benchmarks).
+//! * PaddleClas's ResNet*_vd ("bag of tricks", He et al. 2019, legendary_models/resnet.py with
+//!   `version="vd"`): a stem of three 3×3 Conv+BN+ReLU (3→32 stride 2, 32→32, 32→64), and a
+//!   1×1 projection on the first block of every stage (PaddleClas's `use_first_short_conv`),
+//!   preceded by a 2×2/2 average pool (ceil mode, padding excluded) except in the first stage,
+//!   whose projection is a plain stride-1 1×1 conv ("if_first"). ResNet50_vd is 25.58M params.
 //! * CIFAR ResNets of the CRD/DKD benchmarks (resnet20/56, resnet8x4/32x4): 3×3 stem, three stages
 //!   of `(depth-2)/6` basic blocks.
 
-use super::layers::{BnMode, ConvBn};
+use super::layers::{global_avg_pool, Act, BnMode, ConvBn};
+use super::taps::Taps;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::backend::Backend;
@@ -19,34 +25,83 @@ pub struct Block<B: Backend> {
     pub conv1: ConvBn<B>,
     /// Third convolution of a bottleneck block.
     pub conv2: Option<ConvBn<B>>,
-    /// 1×1 projection when the shape changes.
+    /// 1×1 projection when the shape changes (vd: on the first block of every stage).
     pub short: Option<ConvBn<B>>,
+    /// vd: the projection sees a 2×2/2 average pool of the input (and runs at stride 1).
+    pub short_pool: bool,
+}
+
+/// How a block's shortcut is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shortcut {
+    /// torchvision: a strided 1×1 projection only where the shape changes.
+    Plain,
+    /// PaddleClas vd: always a projection; average-pooled unless `first` (the first stage's).
+    Vd { first: bool },
+}
+
+impl Shortcut {
+    fn build<B: Backend>(
+        self,
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        device: &B::Device,
+    ) -> (Option<ConvBn<B>>, bool) {
+        match self {
+            Shortcut::Plain => (
+                (stride != 1 || cin != cout)
+                    .then(|| ConvBn::new(cin, cout, 1, stride, Act::None, device)),
+                false,
+            ),
+            // A stride-1 vd projection that is not the first stage's would pool with stride 1
+            // in PaddleClas; no ResNet_vd has one (every later stage starts with stride 2).
+            Shortcut::Vd { first } => (
+                Some(ConvBn::new(cin, cout, 1, 1, Act::None, device)),
+                !first && stride != 1,
+            ),
+        }
+    }
 }
 
 impl<B: Backend> Block<B> {
-    fn basic(cin: usize, cout: usize, stride: usize, device: &B::Device) -> Self {
+    fn basic(cin: usize, cout: usize, stride: usize, sc: Shortcut, device: &B::Device) -> Self {
+        let (short, short_pool) = sc.build(cin, cout, stride, device);
         Block {
-            conv0: ConvBn::new(cin, cout, 3, stride, true, device),
-            conv1: ConvBn::new(cout, cout, 3, 1, false, device),
+            conv0: ConvBn::new(cin, cout, 3, stride, Act::Relu, device),
+            conv1: ConvBn::new(cout, cout, 3, 1, Act::None, device),
             conv2: None,
-            short: (stride != 1 || cin != cout)
-                .then(|| ConvBn::new(cin, cout, 1, stride, false, device)),
+            short,
+            short_pool,
         }
     }
 
-    fn bottleneck(cin: usize, width: usize, stride: usize, device: &B::Device) -> Self {
+    fn bottleneck(
+        cin: usize,
+        width: usize,
+        stride: usize,
+        sc: Shortcut,
+        device: &B::Device,
+    ) -> Self {
         let cout = width * 4;
+        let (short, short_pool) = sc.build(cin, cout, stride, device);
         Block {
-            conv0: ConvBn::new(cin, width, 1, 1, true, device),
-            conv1: ConvBn::new(width, width, 3, stride, true, device),
-            conv2: Some(ConvBn::new(width, cout, 1, 1, false, device)),
-            short: (stride != 1 || cin != cout)
-                .then(|| ConvBn::new(cin, cout, 1, stride, false, device)),
+            conv0: ConvBn::new(cin, width, 1, 1, Act::Relu, device),
+            conv1: ConvBn::new(width, width, 3, stride, Act::Relu, device),
+            conv2: Some(ConvBn::new(width, cout, 1, 1, Act::None, device)),
+            short,
+            short_pool,
         }
     }
 
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
         let identity = match &self.short {
+            // Paddle's AvgPool2D(2, 2, padding="SAME", ceil_mode=True), exclusive: on an odd
+            // side the last window holds one row/column and averages only that.
+            Some(s) if self.short_pool => s.forward(
+                burn::tensor::module::avg_pool2d(x.clone(), [2, 2], [2, 2], [0, 0], false, true),
+                mode,
+            ),
             Some(s) => s.forward(x.clone(), mode),
             None => x.clone(),
         };
@@ -61,13 +116,21 @@ impl<B: Backend> Block<B> {
 /// Which published network a [`ResNet`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResNetKind {
-    ImageNet { depth: usize },
-    Cifar { depth: usize, widen: usize },
+    /// `vd`: PaddleClas's ResNet*_vd (deep stem, average-pooled projections).
+    ImageNet {
+        depth: usize,
+        vd: bool,
+    },
+    Cifar {
+        depth: usize,
+        widen: usize,
+    },
 }
 
 #[derive(Module, Debug)]
 pub struct ResNet<B: Backend> {
-    pub stem: ConvBn<B>,
+    /// One Conv+BN+ReLU, or three for vd (PaddleClas's `stem.0` .. `stem.2`).
+    pub stem: Vec<ConvBn<B>>,
     pub max_pool: bool,
     pub blocks: Vec<Block<B>>,
     pub fc: Linear<B>,
@@ -83,34 +146,48 @@ impl<B: Backend> ResNet<B> {
     ) -> Result<Self, String> {
         let mut blocks = vec![];
         let (stem, max_pool, out) = match kind {
-            ResNetKind::ImageNet { depth } => {
+            ResNetKind::ImageNet { depth, vd } => {
                 let (counts, bottleneck) = match depth {
                     18 => ([2, 2, 2, 2], false),
                     34 => ([3, 4, 6, 3], false),
                     50 => ([3, 4, 6, 3], true),
                     101 => ([3, 4, 23, 3], true),
                     152 => ([3, 8, 36, 3], true),
+                    200 => ([3, 12, 48, 3], true),
                     d => {
                         return Err(format!(
-                            "ResNet depth {d} is not one of 18, 34, 50, 101, 152"
+                            "ResNet depth {d} is not one of 18, 34, 50, 101, 152, 200"
                         ))
                     }
                 };
-                let stem = if cifar_stem {
-                    ConvBn::new(3, 64, 3, 1, true, device)
+                if vd && cifar_stem {
+                    return Err("stem: cifar is not available for the _vd ResNets".into());
+                }
+                let stem = if vd {
+                    vec![
+                        ConvBn::new(3, 32, 3, 2, Act::Relu, device),
+                        ConvBn::new(32, 32, 3, 1, Act::Relu, device),
+                        ConvBn::new(32, 64, 3, 1, Act::Relu, device),
+                    ]
+                } else if cifar_stem {
+                    vec![ConvBn::new(3, 64, 3, 1, Act::Relu, device)]
                 } else {
-                    ConvBn::new(3, 64, 7, 2, true, device)
+                    vec![ConvBn::new(3, 64, 7, 2, Act::Relu, device)]
                 };
                 let mut cin = 64;
                 for (stage, &n) in counts.iter().enumerate() {
                     let width = 64 << stage;
                     for i in 0..n {
                         let stride = if i == 0 && stage > 0 { 2 } else { 1 };
+                        let sc = match (vd, i) {
+                            (true, 0) => Shortcut::Vd { first: stage == 0 },
+                            _ => Shortcut::Plain,
+                        };
                         if bottleneck {
-                            blocks.push(Block::bottleneck(cin, width, stride, device));
+                            blocks.push(Block::bottleneck(cin, width, stride, sc, device));
                             cin = width * 4;
                         } else {
-                            blocks.push(Block::basic(cin, width, stride, device));
+                            blocks.push(Block::basic(cin, width, stride, sc, device));
                             cin = width;
                         }
                     }
@@ -127,12 +204,13 @@ impl<B: Backend> ResNet<B> {
                 } else {
                     [32, 64, 128, 256]
                 };
-                let stem = ConvBn::new(3, widths[0], 3, 1, true, device);
+                let stem = vec![ConvBn::new(3, widths[0], 3, 1, Act::Relu, device)];
                 let mut cin = widths[0];
                 for stage in 0..3 {
                     for i in 0..n {
                         let stride = if i == 0 && stage > 0 { 2 } else { 1 };
-                        blocks.push(Block::basic(cin, widths[stage + 1], stride, device));
+                        let sc = Shortcut::Plain;
+                        blocks.push(Block::basic(cin, widths[stage + 1], stride, sc, device));
                         cin = widths[stage + 1];
                     }
                 }
@@ -147,36 +225,53 @@ impl<B: Backend> ResNet<B> {
         })
     }
 
-    /// Logits, plus the outputs of the blocks whose indices are in `taps` (in the order given).
+    /// Feature taps in forward order: `blocks[0]` .. `blocks[n-1]`, then `avg_pool` (the
+    /// globally pooled features, `[N, C, 1, 1]`).
+    pub fn tap_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = (0..self.blocks.len())
+            .map(|i| format!("blocks[{i}]"))
+            .collect();
+        names.push("avg_pool".into());
+        names
+    }
+
+    /// PaddleClas's `stages_pattern`: the last block of each stage.
+    pub fn stage_names(&self) -> Vec<String> {
+        let mut names = vec![];
+        for (i, b) in self.blocks.iter().enumerate().skip(1) {
+            // A stage starts where the block changes the shape (its shortcut projects).
+            if b.short.is_some() {
+                names.push(format!("blocks[{}]", i - 1));
+            }
+        }
+        names.push(format!("blocks[{}]", self.blocks.len() - 1));
+        names
+    }
+
+    /// Logits, plus the taps whose indices (into [`Self::tap_names`]) are in `taps`, in the
+    /// order given.
     pub fn forward(
         &self,
         x: Tensor<B, 4>,
         mode: BnMode,
         taps: &[usize],
     ) -> (Tensor<B, 2>, Vec<Tensor<B, 4>>) {
-        let mut x = self.stem.forward(x, mode);
+        let mut taps = Taps::new(taps);
+        let mut x = x;
+        for conv in &self.stem {
+            x = conv.forward(x, mode);
+        }
         if self.max_pool {
             x = burn::tensor::module::max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false);
         }
-        let mut tapped: Vec<Option<Tensor<B, 4>>> = vec![None; taps.len()];
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(x, mode);
-            for (slot, &t) in tapped.iter_mut().zip(taps) {
-                if t == i {
-                    *slot = Some(x.clone());
-                }
-            }
+            taps.offer(i, &x);
         }
-        let [n, c, h, w] = x.dims();
-        // Global average pool over a contiguous [N, C, HW] view.
-        let pooled = x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c]);
-        let logits = self.fc.forward(pooled);
-        (
-            logits,
-            tapped
-                .into_iter()
-                .map(|t| t.expect("tap index validated at build time"))
-                .collect(),
-        )
+        let pooled = global_avg_pool(x);
+        taps.offer(self.blocks.len(), &pooled);
+        let [n, c, _, _] = pooled.dims();
+        let logits = self.fc.forward(pooled.reshape([n, c]));
+        (logits, taps.finish())
     }
 }

@@ -70,6 +70,23 @@ pub struct ArchConfig {
     pub infer_model_name: String,
     /// True for `name: DistillationModel`: outputs are a dict keyed by model name.
     pub distillation: bool,
+    /// The AFD transforms of `AttentionModel` entries (their backbones are in `models`).
+    pub attention: Vec<AttentionTransform>,
+}
+
+/// The `LinearTransformTeacher` / `LinearTransformStudent` half of a PaddleClas
+/// `AttentionModel` (AFD). kd-launch keeps these layers with the AFD loss (they are trained
+/// with it and saved in its checkpoint file); the model's backbone becomes an ordinary model.
+#[derive(Clone, Debug)]
+pub struct AttentionTransform {
+    /// The model key (`Teacher`, `Student`).
+    pub model: String,
+    /// `LinearTransformTeacher` or `LinearTransformStudent`.
+    pub name: String,
+    pub qk_dim: usize,
+    /// The backbone's `return_patterns` the transform reads, in order.
+    pub keys: Vec<String>,
+    pub params: Node,
 }
 
 #[derive(Clone, Debug)]
@@ -379,6 +396,7 @@ fn parse_arch(a: &Node, global: &Node) -> ConfigResult<ArchConfig> {
             models: vec![model],
             name,
             distillation: false,
+            attention: vec![],
         });
     }
     let entries = a.require("models")?.items()?;
@@ -401,12 +419,19 @@ fn parse_arch(a: &Node, global: &Node) -> ConfigResult<ArchConfig> {
         }
     };
     let mut models = vec![];
+    let mut attention = vec![];
     for (entry, frozen) in entries.iter().zip(freeze) {
         let (key, params) = entry.single_key_entry()?;
         if models.iter().any(|m: &ModelSpec| m.key == key) {
             return Err(entry.error(format!("model name `{key}` appears twice")));
         }
-        models.push(parse_model(key, params, class_num, frozen)?);
+        if params.str("name")?.as_deref() == Some("AttentionModel") {
+            let (model, transform) = parse_attention_model(key, &params, class_num, frozen)?;
+            models.push(model);
+            attention.push(transform);
+        } else {
+            models.push(parse_model(key, params, class_num, frozen)?);
+        }
     }
     if models.is_empty() {
         return Err(a.require("models")?.error("needs at least one model"));
@@ -429,7 +454,78 @@ fn parse_arch(a: &Node, global: &Node) -> ConfigResult<ArchConfig> {
         models,
         infer_model_name,
         distillation: true,
+        attention,
     })
+}
+
+/// An AFD `AttentionModel`: `models: [<backbone>, <LinearTransformTeacher|Student>]` with its own
+/// `freeze_params_list` (the backbone may be frozen; the transform must train).
+fn parse_attention_model(
+    key: String,
+    params: &Node,
+    class_num: usize,
+    frozen: bool,
+) -> ConfigResult<(ModelSpec, AttentionTransform)> {
+    let entries = params.require("models")?.items()?;
+    if entries.len() != 2 {
+        return Err(params.require("models")?.error(format!(
+            "an AttentionModel has two models (a backbone and a LinearTransformTeacher/Student), got {}",
+            entries.len()
+        )));
+    }
+    let inner_frozen = match params.get("freeze_params_list") {
+        None => vec![false, false],
+        Some(f) => {
+            let v = f
+                .items()?
+                .iter()
+                .map(Node::as_bool)
+                .collect::<ConfigResult<Vec<_>>>()?;
+            if v.len() != 2 {
+                return Err(f.error(format!("has {} entries, expected 2", v.len())));
+            }
+            v
+        }
+    };
+    if frozen || inner_frozen[1] {
+        return Err(params.error(
+            "the LinearTransform of an AttentionModel must be trainable (freeze only its backbone)",
+        ));
+    }
+    let (_, backbone) = entries[0].single_key_entry()?;
+    let mut model = parse_model(key.clone(), backbone, class_num, inner_frozen[0])?;
+    let (_, t) = entries[1].single_key_entry()?;
+    let name = t.require("name")?.as_str()?;
+    if name != "LinearTransformTeacher" && name != "LinearTransformStudent" {
+        return Err(t.error(format!(
+            "expected LinearTransformTeacher or LinearTransformStudent, got {name:?}"
+        )));
+    }
+    let keys = t
+        .require("keys")?
+        .items()?
+        .iter()
+        .map(Node::as_str)
+        .collect::<ConfigResult<Vec<_>>>()?;
+    for k in &keys {
+        if !model.return_patterns.contains(k) {
+            return Err(t.require("keys")?.error(format!(
+                "{k:?} is not among the backbone's return_patterns"
+            )));
+        }
+    }
+    // Outputs are dicts keyed by return pattern; keep the key so AFD finds the maps.
+    model.key = key.clone();
+    Ok((
+        model,
+        AttentionTransform {
+            model: key,
+            name,
+            qk_dim: t.usize_or("qk_dim", 128)?,
+            keys,
+            params: t,
+        },
+    ))
 }
 
 fn parse_losses(n: &Node) -> ConfigResult<Vec<LossSpec>> {

@@ -75,6 +75,10 @@ pub fn evaluate<B: AutodiffBackend>(
                 labels: y.clone(),
                 epoch,
                 default_model: &cfg.arch.infer_model_name,
+                parts: &valid.loss_parts,
+                mode: crate::arch::BnMode::Eval,
+                seed: cfg.global.seed,
+                step: 0,
             })?;
             values.record(&mut avg, n);
         }
@@ -142,7 +146,7 @@ pub fn eval_command<B: AutodiffBackend>(
         (None, Some(dir)) => model.load_all(dir, &device)?,
     }
     let eval_loss = (!cfg.eval_loss.is_empty())
-        .then(|| CombinedLoss::new(&cfg.eval_loss))
+        .then(|| CombinedLoss::new(&cfg.eval_loss, &cfg.arch))
         .transpose()?;
     let data = EvalData::new(cfg, opts.collective.rank(), opts.collective.world_size())?;
     let epoch = super::checkpoint::TrainState::read(

@@ -199,7 +199,7 @@ pub fn check(cfg: &Config) -> Result<String> {
         }
     }
     out.push(format!("infer model: {}", cfg.arch.infer_model_name));
-    let loss = crate::loss::CombinedLoss::new(&cfg.train_loss)?;
+    let loss = crate::loss::CombinedLoss::new(&cfg.train_loss, &cfg.arch)?;
     loss.check_models(
         &model
             .slots
@@ -214,7 +214,7 @@ pub fn check(cfg: &Config) -> Result<String> {
     if !cfg.eval_loss.is_empty() {
         out.push(format!(
             "eval loss terms: {}",
-            crate::loss::CombinedLoss::new(&cfg.eval_loss)?
+            crate::loss::CombinedLoss::new(&cfg.eval_loss, &cfg.arch)?
                 .term_names()
                 .join(", ")
         ));

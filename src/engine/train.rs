@@ -5,7 +5,7 @@
 use super::checkpoint::{self, TrainState, OPTIMIZER_FILE};
 use super::evaluate::{evaluate, EvalData};
 use super::RunOptions;
-use crate::arch::{recorder, DistillationModel, TrainableSet};
+use crate::arch::{recorder, BnMode, DistillationModel, TrainableSet};
 use crate::config::{Config, MetricSpec, Pretrained};
 use crate::data::{ImageNetDataset, Loader, Placement};
 use crate::loss::{CombinedLoss, LossContext};
@@ -144,11 +144,12 @@ pub fn train<B: AutodiffBackend>(
     B::seed(&device, g.seed);
     let mut model = DistillationModel::<B>::new(&cfg.arch, g.frozen_bn_uses_batch_stats, &device)?;
     let keys: Vec<String> = model.slots.iter().map(|s| s.key.clone()).collect();
-    let loss = CombinedLoss::new(&cfg.train_loss)?;
+    let loss = CombinedLoss::new(&cfg.train_loss, &cfg.arch)?;
     loss.check_models(&keys.iter().map(String::as_str).collect::<Vec<_>>())?;
     let eval_loss = (!cfg.eval_loss.is_empty())
-        .then(|| CombinedLoss::new(&cfg.eval_loss))
+        .then(|| CombinedLoss::new(&cfg.eval_loss, &cfg.arch))
         .transpose()?;
+    model.trainable.loss_parts = loss.init_parts(&device);
     load_initial_weights(cfg, &mut model, &device)?;
 
     let section = cfg.train_section()?;
@@ -230,6 +231,10 @@ pub fn train<B: AutodiffBackend>(
                 labels: y.clone(),
                 epoch,
                 default_model: &cfg.arch.infer_model_name,
+                parts: &model.trainable.loss_parts,
+                mode: BnMode::Train,
+                seed: g.seed,
+                step: state.global_step as u64,
             })?;
             add_topk(&mut avg, &outputs, &y, &train_metrics)?;
             let total = values.record(&mut avg, n);
@@ -402,6 +407,7 @@ fn resume<B: AutodiffBackend>(
         );
     }
     model.load_all(dir, device)?;
+    model.load_loss_parts(dir, device)?;
     let file = dir.join(OPTIMIZER_FILE);
     let record = recorder()
         .load(file.clone(), device)

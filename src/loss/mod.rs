@@ -1,14 +1,18 @@
 //! Losses: one registry from PaddleClas's config names to formulas, one generic wrapper for
 //! `model_name_pairs` / `model_names` / `key`, and the combined (weighted) loss with
-//! PaddleClas's term names.
+//! PaddleClas's term names. Losses with their own trainable layers (MGD, PEFD, AFD) keep them in
+//! [`parts::LossPart`]s, trained and saved with the models.
 
 pub mod functional;
+pub mod parts;
 
-use crate::arch::{ModelOutput, Outputs};
-use crate::config::{LossSpec, Node};
+use crate::arch::{BnMode, ModelOutput, Outputs};
+use crate::config::{ArchConfig, LossSpec, Node};
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
+use functional::{Distance, DmlAct, RkdVariant};
+use parts::LossPart;
 
 /// Loss names the registry knows.
 pub const LOSSES: &[&str] = &[
@@ -19,7 +23,16 @@ pub const LOSSES: &[&str] = &[
     "DistillationGTCELoss",
     "DistillationKLDivLoss",
     "DistillationDKDLoss",
+    "DistillationWSLLoss",
+    "DistillationDISTLoss",
+    "DistillationSKDLoss",
+    "DistillationRKDLoss",
+    "DistillationPairLoss",
+    "AFDLoss",
 ];
+
+/// `base_loss_name`s of `DistillationPairLoss`.
+pub const PAIR_LOSSES: &[&str] = &["MGDLoss", "PEFDLoss"];
 
 /// The formula of a loss entry, with its parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,11 +43,11 @@ pub enum Formula {
     SoftCe,
     /// Deep mutual learning's symmetric KL; `DMLLoss_<A>_<B>_<pair index>`.
     Dml {
-        act: functional::DmlAct,
+        act: DmlAct,
         sum_across_class_dim: bool,
     },
     /// Distance between outputs (often feature maps via `key`); `loss_<mode>_loss_<mode>_<pair index>`.
-    Distance { mode: functional::Distance },
+    Distance { mode: Distance },
     /// Hinton KD; `loss_kldiv_<A>_<B>`.
     Kl { temperature: f64 },
     /// Decoupled KD with an optional linear warm-up over `warmup` epochs; `loss_dkd_<A>_<B>`.
@@ -43,7 +56,71 @@ pub enum Formula {
         alpha: f64,
         beta: f64,
         warmup: Option<f64>,
+        teacher_target: bool,
     },
+    /// Weighted soft labels; `wsl_loss_<A>_<B>`.
+    Wsl {
+        temperature: f64,
+        teacher_target: bool,
+    },
+    /// DIST's inter/intra-class Pearson relations; `loss_dist_<A>_<B>`.
+    Dist { beta: f64, gamma: f64 },
+    /// Spherical KD; `skd_loss_<A>_<B>`.
+    Skd {
+        temperature: f64,
+        multiplier: f64,
+        alpha: f64,
+        teacher_target: bool,
+    },
+    /// Relational KD on `(student key, teacher key)` outputs;
+    /// `loss_angle_<i>_<A>_<B>` and `loss_dist_<i>_<A>_<B>`.
+    Rkd {
+        keys: Vec<(String, String)>,
+        target_size: Option<usize>,
+        variant: RkdVariant,
+        /// kd-launch extensions (PaddleClas applies the entry's one weight to both terms).
+        angle_weight: f64,
+        distance_weight: f64,
+    },
+    /// `DistillationPairLoss` with `base_loss_name: MGDLoss`; `<name>_<i>_<A>_<B>`.
+    Mgd {
+        s_key: String,
+        t_key: String,
+        student_channels: usize,
+        teacher_channels: usize,
+        alpha: f64,
+        lambda: f64,
+    },
+    /// `DistillationPairLoss` with `base_loss_name: PEFDLoss`; `<name>_<i>_<A>_<B>`.
+    Pefd {
+        s_key: String,
+        t_key: String,
+        student_channel: usize,
+        teacher_channel: usize,
+        projectors: usize,
+    },
+    /// Attention-based feature distillation over all tapped maps; `loss_afd`.
+    Afd {
+        student_keys: Vec<String>,
+        teacher_keys: Vec<String>,
+        student_channels: Vec<usize>,
+        teacher_channels: Vec<usize>,
+        qk_dim: usize,
+    },
+}
+
+impl Formula {
+    /// Whether the formula reads one logit (or `key`) tensor per model.
+    fn reads_logits(&self) -> bool {
+        !matches!(
+            self,
+            Formula::Distance { .. }
+                | Formula::Rkd { .. }
+                | Formula::Mgd { .. }
+                | Formula::Pefd { .. }
+                | Formula::Afd { .. }
+        )
+    }
 }
 
 /// Which model outputs a loss reads.
@@ -64,8 +141,10 @@ pub struct LossTerm {
     pub weight: f64,
     pub formula: Formula,
     pub binding: Binding,
-    /// `key` into a model's output dict; only `logits` (or none) for these logit losses.
+    /// `key` into a model's output dict (`logits`, or a `return_patterns` feature map).
     pub key: Option<String>,
+    /// The entry's `name` (the prefix of its logged terms) where PaddleClas has one.
+    pub name: String,
 }
 
 /// What a loss sees of the batch.
@@ -76,62 +155,97 @@ pub struct LossContext<'a, B: Backend> {
     pub epoch: usize,
     /// The model that a plain (unwrapped) loss applies to.
     pub default_model: &'a str,
+    /// The trainable parts of the losses, as made by [`CombinedLoss::init_parts`].
+    pub parts: &'a [LossPart<B>],
+    /// BatchNorm mode of the loss parts' layers (Train while training).
+    pub mode: BnMode,
+    /// `Global.seed` and the global step: random masks (MGD) are drawn from them, so a resumed
+    /// run draws the same masks.
+    pub seed: u64,
+    pub step: u64,
 }
 
-fn build_term(spec: &LossSpec) -> Result<LossTerm> {
+fn teacher_target(p: &Node) -> Result<bool> {
+    Ok(p.bool_or("use_target_as_gt", false)?)
+}
+
+fn dml_act(p: &Node) -> Result<DmlAct> {
+    // `act: None` (null after PaddleClas's literal evaluation) means no activation.
+    let raw = p.value.as_mapping().and_then(|m| m.get("act"));
+    Ok(match raw {
+        None => DmlAct::Softmax,
+        Some(v) if v.is_null() => DmlAct::Identity,
+        Some(_) => match p.require("act")?.as_str()?.as_str() {
+            "softmax" => DmlAct::Softmax,
+            "sigmoid" => DmlAct::Sigmoid,
+            "None" => DmlAct::Identity,
+            other => bail!(
+                "{}",
+                p.error(format!("act must be softmax, sigmoid or None, got {other:?}"))
+            ),
+        },
+    })
+}
+
+fn required_usize(p: &Node, key: &str) -> Result<usize> {
+    Ok(p.require(key)?.as_usize()?)
+}
+
+/// `[[C, H, W], ...]` shapes; only the channels are used (spatial sizes come from the maps).
+fn channels(p: &Node, key: &str) -> Result<Vec<usize>> {
+    p.require(key)?
+        .items()?
+        .iter()
+        .map(|s| {
+            let dims = s.items()?;
+            match dims.first() {
+                Some(c) if !dims.is_empty() => Ok(c.as_usize()?),
+                _ => bail!("{}", s.error("expected [channels, height, width]")),
+            }
+        })
+        .collect()
+}
+
+fn build_term(spec: &LossSpec, arch: &ArchConfig) -> Result<LossTerm> {
     let p = &spec.params;
     let e = |m: String| anyhow!("{}", p.error(m));
-    let (formula, known): (Formula, &[&str]) = match spec.name.as_str() {
+    let mut binding_override = None;
+    let (formula, known, default_name): (Formula, &[&str], &str) = match spec.name.as_str() {
         "CELoss" | "DistillationGTCELoss" => (
             Formula::GtCe {
                 epsilon: p.f64("epsilon")?,
             },
             &["epsilon"],
+            "CELoss",
         ),
-        "DistillationCELoss" => (Formula::SoftCe, &[]),
-        "DistillationDMLLoss" => {
-            // `act: None` (null after PaddleClas's literal evaluation) means no activation.
-            let raw = p.value.as_mapping().and_then(|m| m.get("act"));
-            let act = match raw {
-                None => functional::DmlAct::Softmax,
-                Some(v) if v.is_null() => functional::DmlAct::Identity,
-                Some(_) => match p.require("act")?.as_str()?.as_str() {
-                    "softmax" => functional::DmlAct::Softmax,
-                    "sigmoid" => functional::DmlAct::Sigmoid,
-                    "None" => functional::DmlAct::Identity,
-                    other => {
-                        return Err(e(format!(
-                            "act must be softmax, sigmoid or None, got {other:?}"
-                        )))
-                    }
-                },
-            };
-            (
-                Formula::Dml {
-                    act,
-                    sum_across_class_dim: p.bool_or("sum_across_class_dim", false)?,
-                },
-                &["act", "sum_across_class_dim"],
-            )
-        }
+        "DistillationCELoss" => (Formula::SoftCe, &[], "CELoss"),
+        "DistillationDMLLoss" => (
+            Formula::Dml {
+                act: dml_act(p)?,
+                sum_across_class_dim: p.bool_or("sum_across_class_dim", false)?,
+            },
+            &["act", "sum_across_class_dim"],
+            "DMLLoss",
+        ),
         "DistillationDistanceLoss" => {
             let mode = match p.str_or("mode", "l2")?.as_str() {
-                "l2" => functional::Distance::L2,
-                "l1" => functional::Distance::L1,
-                "smooth_l1" => functional::Distance::SmoothL1,
+                "l2" => Distance::L2,
+                "l1" => Distance::L1,
+                "smooth_l1" => Distance::SmoothL1,
                 other => {
                     return Err(e(format!(
                         "mode must be l2, l1 or smooth_l1, got {other:?}"
                     )))
                 }
             };
-            (Formula::Distance { mode }, &["mode"])
+            (Formula::Distance { mode }, &["mode"], "loss_")
         }
         "DistillationKLDivLoss" => (
             Formula::Kl {
                 temperature: p.f64_or("temperature", 4.0)?,
             },
             &["temperature"],
+            "loss_kldiv",
         ),
         "DistillationDKDLoss" => (
             Formula::Dkd {
@@ -139,9 +253,207 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
                 alpha: p.f64_or("alpha", 1.0)?,
                 beta: p.f64_or("beta", 1.0)?,
                 warmup: p.f64("warmup")?,
+                teacher_target: teacher_target(p)?,
             },
             &["temperature", "alpha", "beta", "warmup", "use_target_as_gt"],
+            "loss_dkd",
         ),
+        "DistillationWSLLoss" => (
+            Formula::Wsl {
+                temperature: p.f64_or("temperature", 2.0)?,
+                teacher_target: teacher_target(p)?,
+            },
+            &["temperature", "use_target_as_gt"],
+            "wsl_loss",
+        ),
+        "DistillationDISTLoss" => (
+            Formula::Dist {
+                beta: p.f64_or("beta", 1.0)?,
+                gamma: p.f64_or("gamma", 1.0)?,
+            },
+            &["beta", "gamma"],
+            "loss_dist",
+        ),
+        "DistillationSKDLoss" => (
+            Formula::Skd {
+                temperature: p.f64_or("temperature", 1.0)?,
+                multiplier: p.f64_or("multiplier", 2.0)?,
+                alpha: p.f64_or("alpha", 0.9)?,
+                teacher_target: teacher_target(p)?,
+            },
+            &["temperature", "multiplier", "alpha", "use_target_as_gt"],
+            "skd_loss",
+        ),
+        "DistillationRKDLoss" => {
+            let s = p.str_list("student_keepkeys")?.unwrap_or_default();
+            let t = p.str_list("teacher_keepkeys")?.unwrap_or_default();
+            if s.len() != t.len() || s.is_empty() {
+                return Err(e(format!(
+                    "student_keepkeys and teacher_keepkeys must name the same number (≥ 1) of outputs, got {} and {}",
+                    s.len(),
+                    t.len()
+                )));
+            }
+            if p.get("model_name_pairs").is_none() {
+                binding_override = Some(Binding::Pairs(vec![(
+                    "Student".to_string(),
+                    "Teacher".to_string(),
+                )]));
+            }
+            let variant = match p.str_or("variant", "paddleclas")?.as_str() {
+                "paddleclas" => RkdVariant::Paddle,
+                "paper" => RkdVariant::Paper,
+                other => {
+                    return Err(e(format!(
+                        "variant must be paddleclas or paper, got {other:?}"
+                    )))
+                }
+            };
+            (
+                Formula::Rkd {
+                    keys: s.into_iter().zip(t).collect(),
+                    target_size: p.usize("target_size")?,
+                    variant,
+                    angle_weight: p.f64_or("angle_weight", 1.0)?,
+                    distance_weight: p.f64_or("distance_weight", 1.0)?,
+                },
+                &[
+                    "student_keepkeys",
+                    "teacher_keepkeys",
+                    "target_size",
+                    "variant",
+                    "angle_weight",
+                    "distance_weight",
+                ],
+                "loss",
+            )
+        }
+        "DistillationPairLoss" => {
+            let base = p.require("base_loss_name")?.as_str()?;
+            let s_key = p.require("s_key")?.as_str()?;
+            let t_key = p.require("t_key")?.as_str()?;
+            match base.as_str() {
+                "MGDLoss" => (
+                    Formula::Mgd {
+                        s_key,
+                        t_key,
+                        student_channels: required_usize(p, "student_channels")?,
+                        teacher_channels: required_usize(p, "teacher_channels")?,
+                        alpha: p.f64_or("alpha_mgd", 1.756)?,
+                        lambda: p.f64_or("lambda_mgd", 0.15)?,
+                    },
+                    &[
+                        "base_loss_name",
+                        "s_key",
+                        "t_key",
+                        "student_channels",
+                        "teacher_channels",
+                        "alpha_mgd",
+                        "lambda_mgd",
+                    ],
+                    "loss",
+                ),
+                "PEFDLoss" => (
+                    Formula::Pefd {
+                        s_key,
+                        t_key,
+                        student_channel: required_usize(p, "student_channel")?,
+                        teacher_channel: required_usize(p, "teacher_channel")?,
+                        projectors: p.usize_or("num_projectors", 3)?,
+                    },
+                    &[
+                        "base_loss_name",
+                        "s_key",
+                        "t_key",
+                        "student_channel",
+                        "teacher_channel",
+                        "num_projectors",
+                    ],
+                    "loss",
+                ),
+                other => {
+                    return Err(anyhow!(
+                        "{}",
+                        p.require("base_loss_name")?.error(format!(
+                            "unknown base loss {other:?}; known: {}",
+                            PAIR_LOSSES.join(", ")
+                        ))
+                    ))
+                }
+            }
+        }
+        "AFDLoss" => {
+            let pair = p
+                .str_list("model_name_pair")?
+                .unwrap_or_else(|| vec!["Student".into(), "Teacher".into()]);
+            let [s, t] = pair.as_slice() else {
+                return Err(e("model_name_pair must be [student, teacher]".into()));
+            };
+            for (keys, want) in [
+                ("student_keys", ["bilinear_key", "value"]),
+                ("teacher_keys", ["query", "value"]),
+            ] {
+                if let Some(k) = p.str_list(keys)? {
+                    if k != want {
+                        return Err(e(format!(
+                            "{keys} must be {want:?} (the LinearTransform outputs), got {k:?}"
+                        )));
+                    }
+                }
+            }
+            let transform = |model: &str, kind: &str| {
+                arch.attention
+                    .iter()
+                    .find(|a| a.model == model && a.name == kind)
+                    .ok_or_else(|| {
+                        e(format!(
+                            "AFDLoss needs Arch model {model} to be an AttentionModel with a {kind}"
+                        ))
+                    })
+            };
+            let (ts, tt) = (
+                transform(s, "LinearTransformStudent")?,
+                transform(t, "LinearTransformTeacher")?,
+            );
+            let (student_channels, teacher_channels) =
+                (channels(p, "s_shapes")?, channels(p, "t_shapes")?);
+            if student_channels.len() != ts.keys.len() || teacher_channels.len() != tt.keys.len()
+            {
+                return Err(e(format!(
+                    "s_shapes/t_shapes list {} and {} maps, the transforms read {} and {}",
+                    student_channels.len(),
+                    teacher_channels.len(),
+                    ts.keys.len(),
+                    tt.keys.len()
+                )));
+            }
+            let qk_dim = p.usize_or("qk_dim", tt.qk_dim)?;
+            if ts.qk_dim != qk_dim || tt.qk_dim != qk_dim {
+                return Err(e(format!(
+                    "qk_dim differs between AFDLoss ({qk_dim}) and the LinearTransforms ({}, {})",
+                    ts.qk_dim, tt.qk_dim
+                )));
+            }
+            binding_override = Some(Binding::Pairs(vec![(s.clone(), t.clone())]));
+            (
+                Formula::Afd {
+                    student_keys: ts.keys.clone(),
+                    teacher_keys: tt.keys.clone(),
+                    student_channels,
+                    teacher_channels,
+                    qk_dim,
+                },
+                &[
+                    "model_name_pair",
+                    "student_keys",
+                    "teacher_keys",
+                    "s_shapes",
+                    "t_shapes",
+                    "qk_dim",
+                ],
+                "loss_afd",
+            )
+        }
         other => bail!(
             "{}",
             p.error(format!(
@@ -151,7 +463,12 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
         ),
     };
     match &formula {
-        Formula::Kl { temperature } | Formula::Dkd { temperature, .. } if *temperature <= 0.0 => {
+        Formula::Kl { temperature }
+        | Formula::Dkd { temperature, .. }
+        | Formula::Wsl { temperature, .. }
+        | Formula::Skd { temperature, .. }
+            if *temperature <= 0.0 =>
+        {
             return Err(e(format!(
                 "temperature must be positive, got {temperature}"
             )));
@@ -162,12 +479,21 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
         Formula::Dkd {
             warmup: Some(w), ..
         } if *w <= 0.0 => return Err(e(format!("warmup must be positive, got {w}"))),
+        Formula::Mgd { lambda, .. } if !(0.0..=1.0).contains(lambda) => {
+            return Err(e(format!("lambda_mgd must be in [0, 1], got {lambda}")));
+        }
+        Formula::Pefd { projectors: 0, .. } => {
+            return Err(e("num_projectors must be at least 1".into()))
+        }
         _ => {}
     }
     let mut known = known.to_vec();
     known.extend(["weight", "model_name_pairs", "model_names", "key", "name"]);
     p.warn_unknown_keys(&known);
-    let binding = binding(spec, p)?;
+    let binding = match binding_override {
+        Some(b) => b,
+        None => binding(spec, p)?,
+    };
     let pair_loss = !matches!(formula, Formula::GtCe { .. });
     match (&binding, pair_loss) {
         (Binding::Pairs(_), false) => bail!(
@@ -190,7 +516,7 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
     }
     let key = p.str("key")?;
     if let Some(k) = &key {
-        if k != "logits" && !matches!(formula, Formula::Distance { .. }) {
+        if k != "logits" && formula.reads_logits() {
             bail!(
                 "{}",
                 p.require("key")?.error(format!(
@@ -200,12 +526,23 @@ fn build_term(spec: &LossSpec) -> Result<LossTerm> {
             );
         }
     }
+    let name = match &formula {
+        Formula::Dkd { .. }
+        | Formula::Wsl { .. }
+        | Formula::Skd { .. }
+        | Formula::Dist { .. }
+        | Formula::Mgd { .. }
+        | Formula::Pefd { .. }
+        | Formula::Afd { .. } => p.str_or("name", default_name)?,
+        _ => default_name.to_string(),
+    };
     Ok(LossTerm {
         config_name: spec.name.clone(),
         weight: spec.weight,
         formula,
         binding,
         key,
+        name,
     })
 }
 
@@ -267,12 +604,16 @@ impl<B: Backend> LossValues<B> {
 }
 
 impl CombinedLoss {
-    pub fn new(specs: &[LossSpec]) -> Result<Self> {
+    /// Resolves the entries of `Loss.Train` / `Loss.Eval` (`arch` supplies AFD's transforms).
+    pub fn new(specs: &[LossSpec], arch: &ArchConfig) -> Result<Self> {
         if specs.is_empty() {
             bail!("no losses configured (Loss.Train is empty)");
         }
         Ok(CombinedLoss {
-            terms: specs.iter().map(build_term).collect::<Result<_>>()?,
+            terms: specs
+                .iter()
+                .map(|s| build_term(s, arch))
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -297,6 +638,47 @@ impl CombinedLoss {
         Ok(())
     }
 
+    /// The trainable layers of the losses that have them (MGD, PEFD, AFD), in term order.
+    pub fn init_parts<B: Backend>(&self, device: &B::Device) -> Vec<LossPart<B>> {
+        self.terms
+            .iter()
+            .filter_map(|t| match &t.formula {
+                Formula::Mgd {
+                    student_channels,
+                    teacher_channels,
+                    ..
+                } => Some(LossPart::Mgd(parts::Mgd::new(
+                    *student_channels,
+                    *teacher_channels,
+                    device,
+                ))),
+                Formula::Pefd {
+                    student_channel,
+                    teacher_channel,
+                    projectors,
+                    ..
+                } => Some(LossPart::Pefd(parts::Pefd::new(
+                    *student_channel,
+                    *teacher_channel,
+                    *projectors,
+                    device,
+                ))),
+                Formula::Afd {
+                    student_channels,
+                    teacher_channels,
+                    qk_dim,
+                    ..
+                } => Some(LossPart::Afd(parts::Afd::new(
+                    teacher_channels,
+                    student_channels,
+                    *qk_dim,
+                    device,
+                ))),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The names of the logged terms, in order (for `check`).
     pub fn term_names(&self) -> Vec<String> {
         self.terms
@@ -311,8 +693,20 @@ impl CombinedLoss {
         let apply_weights = self.terms.len() > 1;
         let mut terms = vec![];
         let mut total: Option<Tensor<B, 1>> = None;
-        for t in &self.terms {
-            for (name, value) in evaluate(t, ctx)? {
+        let mut next_part = 0;
+        for (index, t) in self.terms.iter().enumerate() {
+            let part = if matches!(
+                t.formula,
+                Formula::Mgd { .. } | Formula::Pefd { .. } | Formula::Afd { .. }
+            ) {
+                next_part += 1;
+                Some(ctx.parts.get(next_part - 1).ok_or_else(|| {
+                    anyhow!("{} has no trainable part (loss parts not initialised)", t.config_name)
+                })?)
+            } else {
+                None
+            };
+            for (name, value) in evaluate(t, index, part, ctx)? {
                 let weighted = if apply_weights {
                     value.mul_scalar(t.weight)
                 } else {
@@ -332,36 +726,49 @@ impl CombinedLoss {
     }
 }
 
-fn suffix(formula: &Formula) -> &'static str {
-    match formula {
-        Formula::GtCe { .. } | Formula::SoftCe => "CELoss",
-        Formula::Dml { .. } => "DMLLoss",
-        Formula::Distance { mode } => match mode {
-            functional::Distance::L2 => "loss_l2_loss_l2",
-            functional::Distance::L1 => "loss_l1_loss_l1",
-            functional::Distance::SmoothL1 => "loss_smooth_l1_loss_smooth_l1",
-        },
-        Formula::Kl { .. } => "loss_kldiv",
-        Formula::Dkd { .. } => "loss_dkd",
-    }
-}
-
 fn term_names(t: &LossTerm) -> Vec<String> {
-    let base = suffix(&t.formula);
-    match &t.binding {
-        Binding::Plain => vec![base.to_string()],
-        Binding::Models(ms) => ms.iter().map(|m| format!("{base}_{m}")).collect(),
+    let base = match &t.formula {
+        Formula::Distance { mode } => {
+            let m = match mode {
+                Distance::L2 => "l2",
+                Distance::L1 => "l1",
+                Distance::SmoothL1 => "smooth_l1",
+            };
+            format!("loss_{m}_loss_{m}")
+        }
+        _ => t.name.clone(),
+    };
+    match (&t.binding, &t.formula) {
+        (Binding::Plain, _) => vec![base],
+        (Binding::Models(ms), _) => ms.iter().map(|m| format!("{base}_{m}")).collect(),
+        (Binding::Pairs(_), Formula::Afd { .. }) => vec![base],
         // PaddleClas's Distance wrapper names terms by pair index only, DML appends the index,
-        // the others do not.
-        Binding::Pairs(ps) if matches!(t.formula, Formula::Distance { .. }) => {
+        // the pair wrapper puts it first, RKD names each key pair's two terms.
+        (Binding::Pairs(ps), Formula::Distance { .. }) => {
             (0..ps.len()).map(|i| format!("{base}_{i}")).collect()
         }
-        Binding::Pairs(ps) if matches!(t.formula, Formula::Dml { .. }) => ps
+        (Binding::Pairs(ps), Formula::Dml { .. }) => ps
             .iter()
             .enumerate()
             .map(|(i, (a, b))| format!("{base}_{a}_{b}_{i}"))
             .collect(),
-        Binding::Pairs(ps) => ps.iter().map(|(a, b)| format!("{base}_{a}_{b}")).collect(),
+        (Binding::Pairs(ps), Formula::Mgd { .. } | Formula::Pefd { .. }) => ps
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b))| format!("{base}_{i}_{a}_{b}"))
+            .collect(),
+        (Binding::Pairs(ps), Formula::Rkd { keys, .. }) => ps
+            .iter()
+            .flat_map(|(a, b)| {
+                (0..keys.len()).flat_map(move |i| {
+                    [
+                        format!("loss_angle_{i}_{a}_{b}"),
+                        format!("loss_dist_{i}_{a}_{b}"),
+                    ]
+                })
+            })
+            .collect(),
+        (Binding::Pairs(ps), _) => ps.iter().map(|(a, b)| format!("{base}_{a}_{b}")).collect(),
     }
 }
 
@@ -372,8 +779,66 @@ fn output<'a, B: Backend>(ctx: &'a LossContext<B>, name: &str) -> Result<&'a Mod
         .ok_or_else(|| anyhow!("no output for model {name:?}"))
 }
 
-fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(String, Tensor<B, 1>)>> {
+/// Feature map `key` of model `model` (a `return_patterns` entry).
+fn feature<'a, B: Backend>(o: &'a ModelOutput<B>, model: &str, key: &str) -> Result<&'a Tensor<B, 4>> {
+    o.feature(key)
+        .ok_or_else(|| anyhow!("model {model} has no feature {key:?} (add it to its return_patterns)"))
+}
+
+/// Output `key` of a model as `[N, D]`: `logits`, or a feature map flattened after an optional
+/// adaptive average pool to `pool × pool` (RKD's `target_size`).
+fn embedding<B: Backend>(
+    o: &ModelOutput<B>,
+    model: &str,
+    key: &str,
+    pool: Option<usize>,
+) -> Result<Tensor<B, 2>> {
+    if key == "logits" {
+        return Ok(o.logits.clone());
+    }
+    let mut f = feature(o, model, key)?.clone();
+    if let Some(size) = pool {
+        f = burn::tensor::module::adaptive_avg_pool2d(f, [size, size]);
+    }
+    let [n, c, h, w] = f.dims();
+    Ok(f.reshape([n, c * h * w]))
+}
+
+/// MGD's channel mask `[N, C, 1, 1]`: 0 with probability `lambda`, drawn from (seed, step, term).
+fn mgd_mask<B: Backend>(
+    n: usize,
+    c: usize,
+    lambda: f64,
+    ctx: &LossContext<B>,
+    term: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    use rand::{Rng, SeedableRng};
+    let seed = ctx
+        .seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(ctx.step.wrapping_mul(0x2545_F491_4F6C_DD1D))
+        .wrapping_add(term as u64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..n * c)
+        .map(|_| if rng.random::<f64>() < lambda { 0.0 } else { 1.0 })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [n, c, 1, 1]), device)
+}
+
+fn evaluate<B: Backend>(
+    t: &LossTerm,
+    index: usize,
+    part: Option<&LossPart<B>>,
+    ctx: &LossContext<B>,
+) -> Result<Vec<(String, Tensor<B, 1>)>> {
     let names = term_names(t);
+    let logits = |o: &ModelOutput<B>, model: &str| -> Result<Tensor<B, 2>> {
+        match t.key.as_deref() {
+            None | Some("logits") => Ok(o.logits.clone()),
+            Some(k) => embedding(o, model, k, None),
+        }
+    };
     let values: Vec<Tensor<B, 1>> = match (&t.binding, &t.formula) {
         (Binding::Plain, Formula::GtCe { epsilon }) => {
             vec![functional::cross_entropy(
@@ -392,64 +857,156 @@ fn evaluate<B: Backend>(t: &LossTerm, ctx: &LossContext<B>) -> Result<Vec<(Strin
                 ))
             })
             .collect::<Result<_>>()?,
-        (Binding::Pairs(ps), f) => ps
-            .iter()
-            .map(|(a, b)| {
+        (Binding::Pairs(ps), Formula::Afd { student_keys, teacher_keys, .. }) => {
+            let (s, tch) = &ps[0];
+            let (os, ot) = (output(ctx, s)?, output(ctx, tch)?);
+            let fs = student_keys
+                .iter()
+                .map(|k| feature(os, s, k).cloned())
+                .collect::<Result<Vec<_>>>()?;
+            let ft = teacher_keys
+                .iter()
+                .map(|k| feature(ot, tch, k).cloned())
+                .collect::<Result<Vec<_>>>()?;
+            let Some(LossPart::Afd(afd)) = part else {
+                bail!("AFDLoss: its trainable part is missing");
+            };
+            vec![afd.forward(&fs, &ft, ctx.mode)]
+        }
+        (Binding::Pairs(ps), f) => {
+            let mut out = vec![];
+            for (a, b) in ps {
                 let (oa, ob) = (output(ctx, a)?, output(ctx, b)?);
-                if let Formula::Distance { mode } = f {
-                    return match t.key.as_deref() {
-                        None | Some("logits") => Ok(functional::distance(
-                            oa.logits.clone(),
-                            ob.logits.clone(),
-                            *mode,
-                        )),
-                        Some(k) => {
-                            let fa = oa.feature(k).ok_or_else(|| {
-                                anyhow!("model {a} has no feature {k:?} (return_patterns)")
-                            })?;
-                            let fb = ob.feature(k).ok_or_else(|| {
-                                anyhow!("model {b} has no feature {k:?} (return_patterns)")
-                            })?;
-                            Ok(functional::distance(fa.clone(), fb.clone(), *mode))
-                        }
-                    };
-                }
-                let (s, tch) = (oa.logits.clone(), ob.logits.clone());
-                Ok(match f {
-                    Formula::Kl { temperature } => functional::kl_div(s, tch, *temperature),
-                    Formula::SoftCe => functional::soft_cross_entropy(s, tch),
-                    Formula::Dml {
-                        act,
-                        sum_across_class_dim,
-                    } => functional::dml(s, tch, *act, *sum_across_class_dim),
-                    Formula::Dkd {
-                        temperature,
-                        alpha,
-                        beta,
-                        warmup,
+                match f {
+                    Formula::Distance { mode } => {
+                        let v = match t.key.as_deref() {
+                            None | Some("logits") => {
+                                functional::distance(oa.logits.clone(), ob.logits.clone(), *mode)
+                            }
+                            Some(k) => functional::distance(
+                                feature(oa, a, k)?.clone(),
+                                feature(ob, b, k)?.clone(),
+                                *mode,
+                            ),
+                        };
+                        out.push(v);
+                    }
+                    Formula::Rkd {
+                        keys,
+                        target_size,
+                        variant,
+                        angle_weight,
+                        distance_weight,
                     } => {
-                        let v = functional::dkd(
-                            s,
-                            tch,
-                            ctx.labels.clone(),
-                            *temperature,
-                            *alpha,
-                            *beta,
-                        );
-                        match warmup {
-                            Some(w) => v.mul_scalar((ctx.epoch as f64 / w).min(1.0)),
-                            None => v,
+                        for (sk, tk) in keys {
+                            let es = embedding(oa, a, sk, *target_size)?;
+                            let et = embedding(ob, b, tk, *target_size)?;
+                            out.push(
+                                functional::rkd_angle(es.clone(), et.clone())
+                                    .mul_scalar(*angle_weight),
+                            );
+                            out.push(
+                                functional::rkd_distance(es, et, *variant)
+                                    .mul_scalar(*distance_weight),
+                            );
                         }
                     }
-                    Formula::GtCe { .. } | Formula::Distance { .. } => {
-                        unreachable!("handled above")
+                    Formula::Mgd {
+                        s_key,
+                        t_key,
+                        alpha,
+                        lambda,
+                        ..
+                    } => {
+                        let (fs, ft) = (feature(oa, a, s_key)?, feature(ob, b, t_key)?);
+                        let [n, c, _, _] = ft.dims();
+                        let mask = mgd_mask(n, c, *lambda, ctx, index, &ft.device());
+                        let Some(LossPart::Mgd(mgd)) = part else {
+                            bail!("MGDLoss: its trainable part is missing");
+                        };
+                        check_spatial(fs, ft, &t.config_name)?;
+                        out.push(mgd.forward(fs.clone(), ft.clone(), mask, *alpha));
                     }
-                })
-            })
-            .collect::<Result<_>>()?,
+                    Formula::Pefd { s_key, t_key, .. } => {
+                        let (fs, ft) = (feature(oa, a, s_key)?, feature(ob, b, t_key)?);
+                        let Some(LossPart::Pefd(pefd)) = part else {
+                            bail!("PEFDLoss: its trainable part is missing");
+                        };
+                        check_spatial(fs, ft, &t.config_name)?;
+                        out.push(pefd.forward(fs.clone(), ft.clone()));
+                    }
+                    _ => {
+                        let (s, tch) = (logits(oa, a)?, logits(ob, b)?);
+                        out.push(logit_loss(f, s, tch, ctx)?);
+                    }
+                }
+            }
+            out
+        }
         _ => unreachable!("bindings validated in build_term"),
     };
+    debug_assert_eq!(names.len(), values.len());
     Ok(names.into_iter().zip(values).collect())
+}
+
+fn check_spatial<B: Backend>(fs: &Tensor<B, 4>, ft: &Tensor<B, 4>, loss: &str) -> Result<()> {
+    let (s, t) = (fs.dims(), ft.dims());
+    if s[2..] != t[2..] {
+        bail!(
+            "{loss}: student map {s:?} and teacher map {t:?} differ in height/width; pick s_key/t_key of equal resolution"
+        );
+    }
+    Ok(())
+}
+
+/// The losses between two logit tensors.
+fn logit_loss<B: Backend>(
+    f: &Formula,
+    s: Tensor<B, 2>,
+    tch: Tensor<B, 2>,
+    ctx: &LossContext<B>,
+) -> Result<Tensor<B, 1>> {
+    let target = |from_teacher| functional::target_labels(ctx.labels.clone(), &tch, from_teacher);
+    Ok(match f {
+        Formula::Kl { temperature } => functional::kl_div(s, tch, *temperature),
+        Formula::SoftCe => functional::soft_cross_entropy(s, tch),
+        Formula::Dml {
+            act,
+            sum_across_class_dim,
+        } => functional::dml(s, tch, *act, *sum_across_class_dim),
+        Formula::Dkd {
+            temperature,
+            alpha,
+            beta,
+            warmup,
+            teacher_target,
+        } => {
+            let y = target(*teacher_target);
+            let v = functional::dkd(s, tch, y, *temperature, *alpha, *beta);
+            match warmup {
+                Some(w) => v.mul_scalar((ctx.epoch as f64 / w).min(1.0)),
+                None => v,
+            }
+        }
+        Formula::Wsl {
+            temperature,
+            teacher_target,
+        } => {
+            let y = target(*teacher_target);
+            functional::wsl(s, tch, y, *temperature)
+        }
+        Formula::Dist { beta, gamma } => functional::dist(s, tch, *beta, *gamma),
+        Formula::Skd {
+            temperature,
+            multiplier,
+            alpha,
+            teacher_target,
+        } => {
+            let y = target(*teacher_target);
+            functional::skd(s, tch, y, *temperature, *multiplier, *alpha)
+        }
+        other => bail!("internal: {other:?} is not a logit loss"),
+    })
 }
 
 #[cfg(test)]
@@ -475,6 +1032,17 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    fn combined(specs: &[LossSpec]) -> Result<CombinedLoss> {
+        let arch = ArchConfig {
+            name: "DistillationModel".into(),
+            models: vec![],
+            infer_model_name: "Student".into(),
+            distillation: true,
+            attention: vec![],
+        };
+        CombinedLoss::new(specs, &arch)
     }
 
     fn outputs() -> (Outputs<Flex>, Tensor<Flex, 1, Int>) {
@@ -507,6 +1075,10 @@ mod tests {
             labels: y.clone(),
             epoch,
             default_model: "Student",
+            parts: &[],
+            mode: BnMode::Train,
+            seed: 42,
+            step: 0,
         })
     }
 
@@ -516,7 +1088,7 @@ mod tests {
 
     #[test]
     fn terms_are_weighted_named_and_summed() {
-        let l = CombinedLoss::new(&specs(
+        let l = combined(&specs(
             "[{DistillationGTCELoss: {weight: 0.5, model_names: [Student]}}, {DistillationDKDLoss: {weight: 2.0, model_name_pairs: [[Student, Teacher]], temperature: 2}}]",
         ))
         .unwrap();
@@ -546,7 +1118,7 @@ mod tests {
 
     #[test]
     fn dml_and_soft_ce_terms_are_named_as_in_paddleclas() {
-        let l = CombinedLoss::new(&specs(
+        let l = combined(&specs(
             "[{DistillationDMLLoss: {model_name_pairs: [[Student, Teacher], [Teacher, Student]], act: None}}, {DistillationCELoss: {model_name_pairs: [[Student, Teacher]]}}]",
         ))
         .unwrap();
@@ -570,7 +1142,7 @@ mod tests {
 
     #[test]
     fn distance_reads_feature_maps_by_return_pattern() {
-        let l = CombinedLoss::new(&specs(
+        let l = combined(&specs(
             "[{DistillationDistanceLoss: {mode: l1, key: blocks5, model_name_pairs: [[Student, Teacher]]}}, {CELoss: {}}]",
         ))
         .unwrap();
@@ -591,7 +1163,7 @@ mod tests {
 
     #[test]
     fn a_single_entry_ignores_its_weight_as_paddleclas_does() {
-        let l = CombinedLoss::new(&specs(
+        let l = combined(&specs(
             "[{DistillationKLDivLoss: {weight: 3.0, model_name_pairs: [[Student, Teacher]]}}]",
         ))
         .unwrap();
@@ -607,7 +1179,7 @@ mod tests {
 
     #[test]
     fn dkd_warmup_ramps_linearly() {
-        let l = CombinedLoss::new(&specs(
+        let l = combined(&specs(
             "[{DistillationDKDLoss: {model_name_pairs: [[Student, Teacher]], warmup: 4}}]",
         ))
         .unwrap();
@@ -619,20 +1191,20 @@ mod tests {
 
     #[test]
     fn bad_entries_are_explained() {
-        let e = CombinedLoss::new(&specs("[{FancyLoss: {}}]"))
+        let e = combined(&specs("[{FancyLoss: {}}]"))
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("unknown loss") && e.contains("DistillationDKDLoss"),
             "{e}"
         );
-        let e = CombinedLoss::new(&specs(
+        let e = combined(&specs(
             "[{DistillationKLDivLoss: {model_names: [Student]}}]",
         ))
         .unwrap_err()
         .to_string();
         assert!(e.contains("model_name_pairs"), "{e}");
-        let l = CombinedLoss::new(&specs(
+        let l = combined(&specs(
             "[{DistillationKLDivLoss: {model_name_pairs: [[Student, Ghost]]}}]",
         ))
         .unwrap();
