@@ -335,7 +335,10 @@ impl PartInputs<'_> {
             .get(name)
             .unwrap_or_else(|| panic!("{}: no input {name}", self.case.name));
         let shape: [usize; D] = a.shape.clone().try_into().unwrap_or_else(|_| {
-            panic!("{}: {name} has shape {:?}, not rank {D}", self.case.name, a.shape)
+            panic!(
+                "{}: {name} has shape {:?}, not rank {D}",
+                self.case.name, a.shape
+            )
         });
         let data: Vec<f32> = a.data.iter().map(|&v| v as f32).collect();
         Tensor::<B, D>::from_data(TensorData::new(data, shape), &device()).require_grad()
@@ -385,7 +388,12 @@ fn check_part<const D: usize>(
     for (name, t) in more {
         compare(name, t.grad(&grads).unwrap().into_data().to_vec().unwrap());
     }
-    assert_eq!(compared, case.grads.len(), "{}: every reference gradient compared", case.name);
+    assert_eq!(
+        compared,
+        case.grads.len(),
+        "{}: every reference gradient compared",
+        case.name
+    );
 }
 
 #[test]

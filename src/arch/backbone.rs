@@ -101,6 +101,9 @@ fn kind(name: &str) -> Option<Kind> {
     cifar.map(Kind::ResNet)
 }
 
+/// A network from the registry. (Variants differ in size; burn modules cannot be boxed, and a
+/// backbone is built once and moved rarely.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone<B: Backend> {
     ResNet(ResNet<B>),
@@ -118,9 +121,7 @@ impl<B: Backend> Backbone<B> {
         let name = spec.name.as_str();
         if NOT_IMPLEMENTED.contains(&name) {
             return Err(err(format!(
-                "backbone {name:?} is a PaddleClas backbone that is not implemented in kd-launch; \
-                 implemented: {}",
-                BACKBONES.join(", ")
+                "backbone {name:?} (a PaddleClas backbone) is not implemented in kd-launch"
             )));
         }
         let kind = BACKBONES
@@ -449,7 +450,9 @@ mod tests {
     /// Tap shapes at 2×3×32×32, as tools/count_params.py prints them.
     #[test]
     fn taps_return_the_named_outputs() {
-        let cases: &[(&str, &[&str], &[[usize; 3]])] = &[
+        /// Backbone, return_patterns, expected `[C, H, W]` of each.
+        type Case<'a> = (&'a str, &'a [&'a str], &'a [[usize; 3]]);
+        let cases: &[Case] = &[
             (
                 "resnet8x4",
                 &["blocks[2]", "blocks0", "avg_pool"],

@@ -260,9 +260,17 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             return Ok(());
         }
         let file = dir.join(format!("{LOSS_PARTS_FILE}.mpk"));
-        let ctx = || format!("loading the losses' trainable layers from {}", file.display());
+        let ctx = || {
+            format!(
+                "loading the losses' trainable layers from {}",
+                file.display()
+            )
+        };
         if !file.is_file() {
-            bail!("{}: file not found (was the checkpoint written for another Loss config?)", ctx());
+            bail!(
+                "{}: file not found (was the checkpoint written for another Loss config?)",
+                ctx()
+            );
         }
         let parts = std::mem::take(&mut self.trainable.loss_parts);
         let expected = weights::named_shapes(&parts);

@@ -509,9 +509,9 @@ fn parse_attention_model(
         .collect::<ConfigResult<Vec<_>>>()?;
     for k in &keys {
         if !model.return_patterns.contains(k) {
-            return Err(t.require("keys")?.error(format!(
-                "{k:?} is not among the backbone's return_patterns"
-            )));
+            return Err(t
+                .require("keys")?
+                .error(format!("{k:?} is not among the backbone's return_patterns")));
         }
     }
     // Outputs are dicts keyed by return pattern; keep the key so AFD finds the maps.

@@ -211,6 +211,14 @@ pub fn check(cfg: &Config) -> Result<String> {
         "train loss terms: {}",
         loss.term_names().join(", ")
     ));
+    let parts = loss.init_parts::<CpuBackend>(&Default::default());
+    if !parts.is_empty() {
+        use burn::module::Module;
+        out.push(format!(
+            "losses' own trainable layers: {:.3}M parameters (incl. BatchNorm statistics)",
+            parts.num_params() as f64 / 1e6
+        ));
+    }
     if !cfg.eval_loss.is_empty() {
         out.push(format!(
             "eval loss terms: {}",

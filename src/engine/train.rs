@@ -26,6 +26,8 @@ pub struct TrainSummary {
     pub state: TrainState,
     pub output_dir: PathBuf,
     pub stopped_early: bool,
+    /// The total training loss of every step this run took, in order.
+    pub step_losses: Vec<f32>,
 }
 
 pub(crate) fn batch_tensors<B: Backend>(
@@ -207,6 +209,7 @@ pub fn train<B: AutodiffBackend>(
         .then(|| indicatif::ProgressBar::new(iters as u64));
     let main = opts.collective.is_main();
     let mut stopped = false;
+    let mut step_losses = vec![];
 
     'epochs: for epoch in state.epoch + 1..=g.epochs {
         let skip = std::mem::take(&mut state.step_in_epoch);
@@ -238,6 +241,7 @@ pub fn train<B: AutodiffBackend>(
             })?;
             add_topk(&mut avg, &outputs, &y, &train_metrics)?;
             let total = values.record(&mut avg, n);
+            step_losses.push(total);
             if !total.is_finite() {
                 bail!("loss is {total} at epoch {epoch}, iteration {i}: training diverged (lower the learning rate?)");
             }
@@ -350,6 +354,7 @@ pub fn train<B: AutodiffBackend>(
         state,
         output_dir: arch_dir,
         stopped_early: stopped,
+        step_losses,
     })
 }
 

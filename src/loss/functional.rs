@@ -295,8 +295,11 @@ pub fn skd<B: Backend>(
             .mul_scalar(multiplier)
     };
     let (zs, zt) = (norm(student), norm(teacher));
-    let kd = soft_cross_entropy(zs.clone().div_scalar(temperature), zt.div_scalar(temperature))
-        .mul_scalar(temperature * temperature);
+    let kd = soft_cross_entropy(
+        zs.clone().div_scalar(temperature),
+        zt.div_scalar(temperature),
+    )
+    .mul_scalar(temperature * temperature);
     let ce = cross_entropy(zs, labels, None);
     kd.mul_scalar(alpha).add(ce.mul_scalar(1.0 - alpha))
 }
@@ -366,7 +369,13 @@ pub fn rkd_angle<B: Backend>(student: Tensor<B, 2>, teacher: Tensor<B, 2>) -> Te
         let diff = e.clone().reshape([1, n, d]).sub(e.reshape([n, 1, d]));
         let norm = safe_sqrt(diff.clone().square().sum_dim(2)).clamp_min(1e-12);
         let unit = diff.div(norm);
-        unit.clone().matmul(unit.swap_dims(1, 2)).reshape([n * n * n])
+        unit.clone()
+            .matmul(unit.swap_dims(1, 2))
+            .reshape([n * n * n])
     };
-    distance(angles(student), angles(teacher.detach()), Distance::SmoothL1)
+    distance(
+        angles(student),
+        angles(teacher.detach()),
+        Distance::SmoothL1,
+    )
 }

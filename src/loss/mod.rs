@@ -181,7 +181,9 @@ fn dml_act(p: &Node) -> Result<DmlAct> {
             "None" => DmlAct::Identity,
             other => bail!(
                 "{}",
-                p.error(format!("act must be softmax, sigmoid or None, got {other:?}"))
+                p.error(format!(
+                    "act must be softmax, sigmoid or None, got {other:?}"
+                ))
             ),
         },
     })
@@ -417,8 +419,7 @@ fn build_term(spec: &LossSpec, arch: &ArchConfig) -> Result<LossTerm> {
             );
             let (student_channels, teacher_channels) =
                 (channels(p, "s_shapes")?, channels(p, "t_shapes")?);
-            if student_channels.len() != ts.keys.len() || teacher_channels.len() != tt.keys.len()
-            {
+            if student_channels.len() != ts.keys.len() || teacher_channels.len() != tt.keys.len() {
                 return Err(e(format!(
                     "s_shapes/t_shapes list {} and {} maps, the transforms read {} and {}",
                     student_channels.len(),
@@ -701,7 +702,10 @@ impl CombinedLoss {
             ) {
                 next_part += 1;
                 Some(ctx.parts.get(next_part - 1).ok_or_else(|| {
-                    anyhow!("{} has no trainable part (loss parts not initialised)", t.config_name)
+                    anyhow!(
+                        "{} has no trainable part (loss parts not initialised)",
+                        t.config_name
+                    )
                 })?)
             } else {
                 None
@@ -780,9 +784,14 @@ fn output<'a, B: Backend>(ctx: &'a LossContext<B>, name: &str) -> Result<&'a Mod
 }
 
 /// Feature map `key` of model `model` (a `return_patterns` entry).
-fn feature<'a, B: Backend>(o: &'a ModelOutput<B>, model: &str, key: &str) -> Result<&'a Tensor<B, 4>> {
-    o.feature(key)
-        .ok_or_else(|| anyhow!("model {model} has no feature {key:?} (add it to its return_patterns)"))
+fn feature<'a, B: Backend>(
+    o: &'a ModelOutput<B>,
+    model: &str,
+    key: &str,
+) -> Result<&'a Tensor<B, 4>> {
+    o.feature(key).ok_or_else(|| {
+        anyhow!("model {model} has no feature {key:?} (add it to its return_patterns)")
+    })
 }
 
 /// Output `key` of a model as `[N, D]`: `logits`, or a feature map flattened after an optional
@@ -821,7 +830,13 @@ fn mgd_mask<B: Backend>(
         .wrapping_add(term as u64);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let values: Vec<f32> = (0..n * c)
-        .map(|_| if rng.random::<f64>() < lambda { 0.0 } else { 1.0 })
+        .map(|_| {
+            if rng.random::<f64>() < lambda {
+                0.0
+            } else {
+                1.0
+            }
+        })
         .collect();
     Tensor::from_data(TensorData::new(values, [n, c, 1, 1]), device)
 }
@@ -857,7 +872,14 @@ fn evaluate<B: Backend>(
                 ))
             })
             .collect::<Result<_>>()?,
-        (Binding::Pairs(ps), Formula::Afd { student_keys, teacher_keys, .. }) => {
+        (
+            Binding::Pairs(ps),
+            Formula::Afd {
+                student_keys,
+                teacher_keys,
+                ..
+            },
+        ) => {
             let (s, tch) = &ps[0];
             let (os, ot) = (output(ctx, s)?, output(ctx, tch)?);
             let fs = student_keys

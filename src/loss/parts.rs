@@ -17,7 +17,11 @@ fn normal<B: Backend, const D: usize>(
     std: f64,
     device: &B::Device,
 ) -> Param<Tensor<B, D>> {
-    Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, std), device))
+    Param::from_tensor(Tensor::random(
+        shape,
+        Distribution::Normal(0.0, std),
+        device,
+    ))
 }
 
 /// A stride-1 "same" convolution with bias.
@@ -81,7 +85,10 @@ impl<B: Backend> Mgd<B> {
         };
         let [n, c, h, w] = s.dims();
         // The mask repeated to full size: flex's broadcasting over [N, C, 1, 1] is a slow strided walk.
-        let mask = mask.reshape([n, c, 1]).repeat_dim(2, h * w).reshape([n, c, h, w]);
+        let mask = mask
+            .reshape([n, c, 1])
+            .repeat_dim(2, h * w)
+            .reshape([n, c, h, w]);
         let generated = self
             .generator1
             .forward(relu(self.generator0.forward(s.mul(mask))));
@@ -164,7 +171,10 @@ impl<B: Backend> LinearBn<B> {
         let y = x
             .matmul(self.weight.val())
             .add(self.bias.val().reshape([1, nout]));
-        let y = self.bn.forward(y.reshape([n, nout, 1, 1]), mode).reshape([n, nout]);
+        let y = self
+            .bn
+            .forward(y.reshape([n, nout, 1, 1]), mode)
+            .reshape([n, nout]);
         if with_relu {
             relu(y)
         } else {
@@ -267,10 +277,13 @@ impl<B: Backend> Afd<B> {
         let mut shape_of = vec![];
         for f in ft {
             let [_, c, h, w] = f.dims();
-            let i = shapes.iter().position(|u| *u == [c, h, w]).unwrap_or_else(|| {
-                shapes.push([c, h, w]);
-                shapes.len() - 1
-            });
+            let i = shapes
+                .iter()
+                .position(|u| *u == [c, h, w])
+                .unwrap_or_else(|| {
+                    shapes.push([c, h, w]);
+                    shapes.len() - 1
+                });
             shape_of.push(i);
         }
         let value_s: Vec<Tensor<B, 3>> = shapes
