@@ -83,6 +83,20 @@ enum DatasetCommand {
         #[arg(long, default_value_t = 10000)]
         val_count: usize,
     },
+    /// SSLD training list: a labelled list plus every image under --unlabeled with label 0.
+    SsldList {
+        /// The labelled list file (`<path> <label>` lines).
+        #[arg(long)]
+        list: PathBuf,
+        /// A directory of unlabelled images (searched recursively).
+        #[arg(long)]
+        unlabeled: PathBuf,
+        /// The dataset's `image_root`; list paths are written relative to it.
+        #[arg(long)]
+        image_root: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn load(args: &ConfigArgs, device_override: Option<&str>) -> Result<Config> {
@@ -238,6 +252,21 @@ fn run() -> Result<()> {
                 kd_engine::data::fashion_mnist::convert(source, out, *train_count, *val_count)?;
             println!(
                 "wrote {t} training and {v} validation images with list files to {}",
+                out.display()
+            );
+        }
+        Command::Dataset {
+            which:
+                DatasetCommand::SsldList {
+                    list,
+                    unlabeled,
+                    image_root,
+                    out,
+                },
+        } => {
+            let (l, u) = kd_engine::data::ssld::write_list(list, unlabeled, image_root, out)?;
+            println!(
+                "wrote {}: {l} labelled lines + {u} unlabelled images (label 0)",
                 out.display()
             );
         }

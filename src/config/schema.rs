@@ -724,7 +724,19 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(cfg.arch.models[0].name, "AttentionModel");
+        // An AttentionModel becomes its backbone plus an AFD transform; anchors feed both.
+        let teacher = &cfg.arch.models[0];
+        assert_eq!(
+            (teacher.key.as_str(), teacher.name.as_str()),
+            ("Teacher", "ResNet34")
+        );
+        assert!(teacher.frozen, "inner freeze_params_list [True, False]");
+        assert!(!cfg.arch.models[1].frozen);
+        assert_eq!(teacher.return_patterns.len(), 16);
+        let t = &cfg.arch.attention[0];
+        assert_eq!((t.name.as_str(), t.qk_dim), ("LinearTransformTeacher", 128));
+        assert_eq!(t.keys, teacher.return_patterns);
+        assert_eq!(cfg.arch.attention[1].keys.len(), 8);
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod dataset;
 pub mod fashion_mnist;
 pub mod loader;
 pub mod sampler;
+pub mod ssld;
 pub mod transforms;
 
 pub use dataset::{ImageNetDataset, Sample};

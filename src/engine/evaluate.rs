@@ -57,7 +57,14 @@ pub fn evaluate<B: AutodiffBackend>(
 ) -> Result<EvalReport> {
     let device = model.trainable.models[0].devices()[0].clone();
     let valid = model.trainable.valid();
-    let specs = metric_specs(&cfg.eval_metric, &cfg.arch.infer_model_name);
+    let mut specs = metric_specs(&cfg.eval_metric, &cfg.arch.infer_model_name);
+    // Mutual learning trains several models: report every trainable one (`<model>_top1`), not
+    // only those the config's metrics name.
+    for slot in model.slots.iter().filter(|s| !s.spec.frozen) {
+        if !specs.iter().any(|(m, _)| *m == slot.key) {
+            specs.push((slot.key.clone(), vec![1]));
+        }
+    }
     let mut avg = Averages::default();
     let iters = data.batches.len();
     let mut tick = Instant::now();

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Every distillation algorithm on the bundled Fashion-MNIST subset (CPU), one table:
+# the resnet20 teacher is trained once (configs/quickstart/teacher.yaml), then the resnet8
+# student alone and each configs/quickstart/<algorithm>.yaml, for every seed in $SEEDS.
+#
+#   tools/quickstart_algorithms.sh                 # seed 42, students 3 epochs, teacher 10
+#   SEEDS="1 2 3" EPOCHS=10 TEACHER_EPOCHS=30 tools/quickstart_algorithms.sh
+#   ALGOS="kd dkd" tools/quickstart_algorithms.sh  # a subset
+#
+# Writes bench/results/quickstart_algorithms.md and the same table into README.md between the
+# `quickstart-algorithms` markers. Training logs: output/algorithms/seed<S>/<run>/train.log.
+# img/s is the mean of the `ips` the training log prints (every 20 iterations, epoch 1 excluded
+# when there are later ones), i.e. the training-step throughput including the teacher forward.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEEDS=${SEEDS:-42}
+EPOCHS=${EPOCHS:-3}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-10}
+ALGOS=${ALGOS:-"kd dkd dist wsl skd rkd mgd pefd afd dml udml ssld"}
+cargo build --release -p kd-launch
+KD=./target/release/kd-launch
+OUT=output/algorithms
+mkdir -p "$OUT" bench/results
+
+# The teacher all students learn from (its path is fixed in the configs), trained longer than the
+# students so that it has something to teach. Retrained when its epoch count differs.
+teacher=output/quickstart/teacher/resnet20
+if ! grep -qs "epochs: $TEACHER_EPOCHS\$" "$teacher/best_model/config.yaml"; then
+  "$KD" train -c configs/quickstart/teacher.yaml -o Global.epochs="$TEACHER_EPOCHS"
+  rm -rf "$OUT" && mkdir -p "$OUT" # students of another teacher
+fi
+
+best_top1() { sed -n 's/.*"best_top1": *\([0-9.eE+-]*\).*/\1/p' "$1"; }
+# Mean `ips` of a log, skipping epoch 1 when the run has more epochs (warm-up, allocation).
+mean_ips() {
+  awk -v skip="$([ "$EPOCHS" -gt 1 ] && echo 1 || echo 0)" '
+    /\[Train\]\[Epoch/ && /ips:/ {
+      if (skip && $0 ~ /\[Epoch 1\//) next
+      match($0, /ips: [0-9.]+/); s += substr($0, RSTART + 5, RLENGTH - 5); n++ }
+    END { if (n) printf "%.1f", s / n; else print "nan" }' "$1"
+}
+
+run() { # run <name> <config> <arch dir name> <seed>
+  local name=$1 cfg=$2 arch=$3 seed=$4 dir="$OUT/seed$4/$1"
+  if [ ! -f "$dir/$arch/best_model/state.json" ] || [ "${RERUN:-0}" = 1 ]; then
+    rm -rf "$dir"; mkdir -p "$dir"
+    echo "== $name (seed $seed)"
+    "$KD" train -c "$cfg" -o Global.seed="$seed" -o Global.epochs="$EPOCHS" \
+      -o Global.output_dir="$dir/" -o Global.print_batch_step=20 2> "$dir/train.log"
+  fi
+  echo "$(best_top1 "$dir/$arch/best_model/state.json") $(mean_ips "$dir/train.log")"
+}
+
+declare -A top ips
+for seed in $SEEDS; do
+  read -r t i < <(run student configs/quickstart/student.yaml resnet8 "$seed")
+  top[student]="${top[student]:-} $t"; ips[student]="${ips[student]:-} $i"
+  for a in $ALGOS; do
+    read -r t i < <(run "$a" "configs/quickstart/$a.yaml" DistillationModel "$seed")
+    top[$a]="${top[$a]:-} $t"; ips[$a]="${ips[$a]:-} $i"
+  done
+done
+
+mean() { echo "$@" | awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; printf "%.4f", s / NF }'; }
+spread() { echo "$@" | awk '{ if (NF < 2) { print "–"; exit } m = 0; for (i = 1; i <= NF; i++) m += $i; m /= NF;
+  v = 0; for (i = 1; i <= NF; i++) v += ($i - m) ^ 2; printf "%.4f", sqrt(v / (NF - 1)) }'; }
+base=$(mean ${top[student]})
+kd_ips=$(mean ${ips[kd]:-${ips[student]}})
+nseeds=$(echo $SEEDS | wc -w)
+table="bench/results/quickstart_algorithms.md"
+{
+  echo "| algorithm | config | student top-1 | std over seeds | gain over student alone | epochs | seeds | train img/s | img/s vs KD |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  printf '| student alone (resnet8) | `configs/quickstart/student.yaml` | %s | %s | – | %s | %s | %s | %s |\n' \
+    "$base" "$(spread ${top[student]})" "$EPOCHS" "$SEEDS" "$(mean ${ips[student]})" \
+    "$(awk -v a="$(mean ${ips[student]})" -v b="$kd_ips" 'BEGIN { printf "%.2f", a / b }')"
+  for a in $ALGOS; do
+    m=$(mean ${top[$a]})
+    printf '| %s | `configs/quickstart/%s.yaml` | %s | %s | %+.4f | %s | %s | %s | %s |\n' \
+      "$(echo "$a" | tr a-z A-Z)" "$a" "$m" "$(spread ${top[$a]})" \
+      "$(awk -v a="$m" -v b="$base" 'BEGIN { print a - b }')" "$EPOCHS" "$SEEDS" "$(mean ${ips[$a]})" \
+      "$(awk -v a="$(mean ${ips[$a]})" -v b="$kd_ips" 'BEGIN { printf "%.2f", a / b }')"
+  done
+  echo
+  echo "Teacher: resnet20 trained by \`configs/quickstart/teacher.yaml\` for $TEACHER_EPOCHS epochs (best top-1 $(best_top1 output/quickstart/teacher/resnet20/best_model/state.json)); student: resnet8; $nseeds seed(s); top-1 on the 1,000 bundled validation images (best epoch). Produced by \`tools/quickstart_algorithms.sh\` on $(date -u +%Y-%m-%d), $(nproc) CPU cores."
+} > "$table"
+cat "$table"
+
+# Replace the table in README.md between the markers.
+awk -v file="$table" '
+  /<!-- quickstart-algorithms:start -->/ { print; while ((getline line < file) > 0) print line; skip = 1; next }
+  /<!-- quickstart-algorithms:end -->/ { skip = 0 }
+  !skip { print }' README.md > README.md.tmp && mv README.md.tmp README.md
