@@ -1,6 +1,10 @@
 //! Benchmark of one KD training step (frozen teacher forward, student forward/backward, CE + KL,
 //! Momentum step) on the CPU backend with random data — the Rust side of
 //! `bench/torch_kd_step.py`. Run: `cargo run --release --example kd_step -- --steps 5`.
+//!
+//! `--config cfg.yaml` times that config's models and losses instead (weights random, nothing
+//! loaded; `--size` and `--batch` set the input), e.g. to compare the cost of distillation losses:
+//! `cargo run --release --example kd_step -- --config configs/quickstart/dkd.yaml --size 28`.
 
 use kd_engine::arch::{layers, DistillationModel, TrainableSet};
 use kd_engine::burn::optim::{GradientsParams, Optimizer};
@@ -38,8 +42,14 @@ fn main() -> anyhow::Result<()> {
             "Arch:\n  name: DistillationModel\n  class_num: {classes}\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {{name: {teacher}, stem: {stem}}}\n    - Student: {{name: {student}, stem: {stem}}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n"
         )
     };
-    let tree = kd_engine::config::parse_yaml(&yaml, Path::new("bench.yaml"))?;
-    let cfg = Config::from_tree(tree, Path::new("bench.yaml"), vec![])?;
+    let config = arg("--config", "");
+    let cfg = if config.is_empty() {
+        let tree = kd_engine::config::parse_yaml(&yaml, Path::new("bench.yaml"))?;
+        Config::from_tree(tree, Path::new("bench.yaml"), vec![])?
+    } else {
+        Config::load(Path::new(&config), &[])?
+    };
+    let classes = cfg.arch.models[0].class_num;
     let device = Default::default();
     let mut model = DistillationModel::<B>::new(&cfg.arch, false, &device)?;
     let loss = CombinedLoss::new(&cfg.train_loss, &cfg.arch)?;
@@ -86,7 +96,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("last loss={last:.4}");
     println!(
-        "RESULT kd_launch_kd_step img_per_s={:.3} step_s={:.6} threads={threads} batch={batch} conv={conv} teacher={teacher} student={student}",
+        "RESULT kd_launch_kd_step img_per_s={:.3} step_s={:.6} threads={threads} batch={batch} conv={conv} teacher={teacher} student={student} config={config}",
         (batch * steps) as f64 / timed,
         timed / steps as f64
     );

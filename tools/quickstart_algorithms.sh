@@ -9,15 +9,18 @@
 #
 # Writes bench/results/quickstart_algorithms.md and the same table into README.md between the
 # `quickstart-algorithms` markers. Training logs: output/algorithms/seed<S>/<run>/train.log.
-# img/s is the mean of the `ips` the training log prints (every 20 iterations, epoch 1 excluded
-# when there are later ones), i.e. the training-step throughput including the teacher forward.
+# Throughput, two ways: "train img/s" is the mean `ips` of the training log (every 20 iterations,
+# epoch 1 excluded when there are later ones; includes eval-free training steps only); "step img/s"
+# times the training step alone (teacher forward, student forward/backward, losses, optimizer) with
+# examples/kd_step.rs on each config, all measured one after another at the end, batch 64, 28×28,
+# $(nproc) threads — the fair comparison of what each loss costs ("vs KD" is that ratio).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-42}
 EPOCHS=${EPOCHS:-3}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-10}
 ALGOS=${ALGOS:-"kd dkd dist wsl skd rkd mgd pefd afd dml udml ssld"}
-cargo build --release -p kd-launch
+cargo build --release -p kd-launch && cargo build --release -p kd-engine --example kd_step
 KD=./target/release/kd-launch
 OUT=output/algorithms
 mkdir -p "$OUT" bench/results
@@ -40,46 +43,66 @@ mean_ips() {
     END { if (n) printf "%.1f", s / n; else print "nan" }' "$1"
 }
 
-run() { # run <name> <config> <arch dir name> <seed>
+run() { # run <name> <config> <arch dir name> <seed>; prints "<best top-1> <mean img/s>"
   local name=$1 cfg=$2 arch=$3 seed=$4 dir="$OUT/seed$4/$1"
-  if [ ! -f "$dir/$arch/best_model/state.json" ] || [ "${RERUN:-0}" = 1 ]; then
+  # Reuse a finished run of the same length (delete output/algorithms or set RERUN=1 to redo).
+  if ! grep -qs "epochs: $EPOCHS\$" "$dir/$arch/best_model/config.yaml" || [ "${RERUN:-0}" = 1 ]; then
     rm -rf "$dir"; mkdir -p "$dir"
-    echo "== $name (seed $seed)"
+    echo "== $name (seed $seed)" >&2
     "$KD" train -c "$cfg" -o Global.seed="$seed" -o Global.epochs="$EPOCHS" \
-      -o Global.output_dir="$dir/" -o Global.print_batch_step=20 2> "$dir/train.log"
+      -o Global.output_dir="$dir/" -o Global.print_batch_step=20 > "$dir/train.out" 2> "$dir/train.log" \
+      || { echo "training $name failed; see $dir/train.log" >&2; tail -5 "$dir/train.log" >&2; return 1; }
   fi
-  echo "$(best_top1 "$dir/$arch/best_model/state.json") $(mean_ips "$dir/train.log")"
+  local t i
+  t=$(best_top1 "$dir/$arch/best_model/state.json")
+  i=$(mean_ips "$dir/train.log")
+  [[ $t =~ ^[0-9.eE+-]+$ && $i =~ ^[0-9.]+$ ]] || { echo "$name: no top-1/img/s in $dir" >&2; return 1; }
+  echo "$t $i"
 }
 
 declare -A top ips
 for seed in $SEEDS; do
-  read -r t i < <(run student configs/quickstart/student.yaml resnet8 "$seed")
+  res=$(run student configs/quickstart/student.yaml resnet8 "$seed")
+  read -r t i <<< "$res"
   top[student]="${top[student]:-} $t"; ips[student]="${ips[student]:-} $i"
   for a in $ALGOS; do
-    read -r t i < <(run "$a" "configs/quickstart/$a.yaml" DistillationModel "$seed")
+    res=$(run "$a" "configs/quickstart/$a.yaml" DistillationModel "$seed")
+    read -r t i <<< "$res"
     top[$a]="${top[$a]:-} $t"; ips[$a]="${ips[$a]:-} $i"
   done
+done
+
+# Step throughput of each config, back to back (nothing else should run meanwhile).
+step_ips() {
+  ./target/release/examples/kd_step --config "$1" --size 28 --batch 64 --warmup 3 --steps 15 \
+    --threads "$(nproc)" | sed -n 's/.*img_per_s=\([0-9.]*\).*/\1/p'
+}
+declare -A step
+for a in student $ALGOS; do
+  step[$a]=$(step_ips "configs/quickstart/$a.yaml")
+  echo "step img/s $a: ${step[$a]}" >&2
 done
 
 mean() { echo "$@" | awk '{ s = 0; for (i = 1; i <= NF; i++) s += $i; printf "%.4f", s / NF }'; }
 spread() { echo "$@" | awk '{ if (NF < 2) { print "–"; exit } m = 0; for (i = 1; i <= NF; i++) m += $i; m /= NF;
   v = 0; for (i = 1; i <= NF; i++) v += ($i - m) ^ 2; printf "%.4f", sqrt(v / (NF - 1)) }'; }
 base=$(mean ${top[student]})
-kd_ips=$(mean ${ips[kd]:-${ips[student]}})
+kd_step=${step[kd]:-${step[student]}}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 nseeds=$(echo $SEEDS | wc -w)
 table="bench/results/quickstart_algorithms.md"
 {
-  echo "| algorithm | config | student top-1 | std over seeds | gain over student alone | epochs | seeds | train img/s | img/s vs KD |"
-  echo "|---|---|---|---|---|---|---|---|---|"
-  printf '| student alone (resnet8) | `configs/quickstart/student.yaml` | %s | %s | – | %s | %s | %s | %s |\n' \
+  echo "| algorithm | config | student top-1 | std over seeds | gain over student alone | epochs | seeds | train img/s | step img/s | step vs KD |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  printf '| student alone (resnet8) | `configs/quickstart/student.yaml` | %s | %s | – | %s | %s | %s | %s | %s |\n' \
     "$base" "$(spread ${top[student]})" "$EPOCHS" "$SEEDS" "$(mean ${ips[student]})" \
-    "$(awk -v a="$(mean ${ips[student]})" -v b="$kd_ips" 'BEGIN { printf "%.2f", a / b }')"
+    "${step[student]}" "$(ratio "${step[student]}" "$kd_step")"
   for a in $ALGOS; do
     m=$(mean ${top[$a]})
-    printf '| %s | `configs/quickstart/%s.yaml` | %s | %s | %+.4f | %s | %s | %s | %s |\n' \
+    printf '| %s | `configs/quickstart/%s.yaml` | %s | %s | %+.4f | %s | %s | %s | %s | %s |\n' \
       "$(echo "$a" | tr a-z A-Z)" "$a" "$m" "$(spread ${top[$a]})" \
       "$(awk -v a="$m" -v b="$base" 'BEGIN { print a - b }')" "$EPOCHS" "$SEEDS" "$(mean ${ips[$a]})" \
-      "$(awk -v a="$(mean ${ips[$a]})" -v b="$kd_ips" 'BEGIN { printf "%.2f", a / b }')"
+      "${step[$a]}" "$(ratio "${step[$a]}" "$kd_step")"
   done
   echo
   echo "Teacher: resnet20 trained by \`configs/quickstart/teacher.yaml\` for $TEACHER_EPOCHS epochs (best top-1 $(best_top1 output/quickstart/teacher/resnet20/best_model/state.json)); student: resnet8; $nseeds seed(s); top-1 on the 1,000 bundled validation images (best epoch). Produced by \`tools/quickstart_algorithms.sh\` on $(date -u +%Y-%m-%d), $(nproc) CPU cores."

@@ -487,8 +487,13 @@ fn parse_attention_model(
             v
         }
     };
-    if frozen || inner_frozen[1] {
+    if frozen {
         return Err(params.error(
+            "Arch.freeze_params_list freezes this AttentionModel, whose LinearTransform must train; freeze its backbone in its own freeze_params_list instead",
+        ));
+    }
+    if inner_frozen[1] {
+        return Err(params.require("freeze_params_list")?.error(
             "the LinearTransform of an AttentionModel must be trainable (freeze only its backbone)",
         ));
     }

@@ -153,7 +153,7 @@ pub fn eval_command<B: AutodiffBackend>(
         (None, Some(dir)) => model.load_all(dir, &device)?,
     }
     let eval_loss = (!cfg.eval_loss.is_empty())
-        .then(|| CombinedLoss::new(&cfg.eval_loss, &cfg.arch))
+        .then(|| CombinedLoss::for_eval(&cfg.eval_loss, &cfg.arch))
         .transpose()?;
     let data = EvalData::new(cfg, opts.collective.rank(), opts.collective.world_size())?;
     let epoch = super::checkpoint::TrainState::read(

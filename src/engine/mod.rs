@@ -222,7 +222,7 @@ pub fn check(cfg: &Config) -> Result<String> {
     if !cfg.eval_loss.is_empty() {
         out.push(format!(
             "eval loss terms: {}",
-            crate::loss::CombinedLoss::new(&cfg.eval_loss, &cfg.arch)?
+            crate::loss::CombinedLoss::for_eval(&cfg.eval_loss, &cfg.arch)?
                 .term_names()
                 .join(", ")
         ));

@@ -149,7 +149,7 @@ pub fn train<B: AutodiffBackend>(
     let loss = CombinedLoss::new(&cfg.train_loss, &cfg.arch)?;
     loss.check_models(&keys.iter().map(String::as_str).collect::<Vec<_>>())?;
     let eval_loss = (!cfg.eval_loss.is_empty())
-        .then(|| CombinedLoss::new(&cfg.eval_loss, &cfg.arch))
+        .then(|| CombinedLoss::for_eval(&cfg.eval_loss, &cfg.arch))
         .transpose()?;
     model.trainable.loss_parts = loss.init_parts(&device);
     load_initial_weights(cfg, &mut model, &device)?;

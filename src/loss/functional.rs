@@ -330,6 +330,15 @@ fn pairwise_distances<B: Backend>(e: Tensor<B, 2>) -> Tensor<B, 2> {
         .sqrt()
 }
 
+/// The teacher side of RKD: PaddleClas lets gradients reach a trainable teacher (mutual
+/// learning); Park et al.'s code computes it without gradients.
+fn rkd_teacher<B: Backend>(t: Tensor<B, 2>, variant: RkdVariant) -> Tensor<B, 2> {
+    match variant {
+        RkdVariant::Paddle => t,
+        RkdVariant::Paper => t.detach(),
+    }
+}
+
 /// RKD distance term (Park et al. 2019): Huber (δ = 1) between the student's and the teacher's
 /// distance matrices, each divided by its mean (`+1e-12`). Inputs are `[N, D]` embeddings.
 pub fn rkd_distance<B: Backend>(
@@ -356,14 +365,18 @@ pub fn rkd_distance<B: Backend>(
     };
     distance(
         normalised(student),
-        normalised(teacher.detach()),
+        normalised(rkd_teacher(teacher, variant)),
         Distance::SmoothL1,
     )
 }
 
 /// RKD angle term: Huber (δ = 1) between the cosines `⟨ê_ji, ê_ki⟩` of all triplets, with
 /// `ê = (e_j − e_i) / max(‖e_j − e_i‖, 1e-12)` (Paddle's `normalize`).
-pub fn rkd_angle<B: Backend>(student: Tensor<B, 2>, teacher: Tensor<B, 2>) -> Tensor<B, 1> {
+pub fn rkd_angle<B: Backend>(
+    student: Tensor<B, 2>,
+    teacher: Tensor<B, 2>,
+    variant: RkdVariant,
+) -> Tensor<B, 1> {
     let angles = |e: Tensor<B, 2>| {
         let [n, d] = e.dims();
         let diff = e.clone().reshape([1, n, d]).sub(e.reshape([n, 1, d]));
@@ -375,7 +388,7 @@ pub fn rkd_angle<B: Backend>(student: Tensor<B, 2>, teacher: Tensor<B, 2>) -> Te
     };
     distance(
         angles(student),
-        angles(teacher.detach()),
+        angles(rkd_teacher(teacher, variant)),
         Distance::SmoothL1,
     )
 }

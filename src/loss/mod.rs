@@ -109,6 +109,16 @@ pub enum Formula {
     },
 }
 
+impl LossTerm {
+    /// Whether the loss has its own trainable layers (a [`LossPart`]).
+    pub fn has_part(&self) -> bool {
+        matches!(
+            self.formula,
+            Formula::Mgd { .. } | Formula::Pefd { .. } | Formula::Afd { .. }
+        )
+    }
+}
+
 impl Formula {
     /// Whether the formula reads one logit (or `key`) tensor per model.
     fn reads_logits(&self) -> bool {
@@ -428,6 +438,23 @@ fn build_term(spec: &LossSpec, arch: &ArchConfig) -> Result<LossTerm> {
                     tt.keys.len()
                 )));
             }
+            // The transforms' own shape lists (PaddleClas sizes their layers from them) must agree.
+            for (transform, key, ours) in [
+                (ts, "s_shapes", &student_channels),
+                (tt, "t_shapes", &teacher_channels),
+                (ts, "t_shapes", &teacher_channels),
+            ] {
+                if transform.params.get(key).is_some() && channels(&transform.params, key)? != *ours
+                {
+                    return Err(anyhow!(
+                        "{}",
+                        transform
+                            .params
+                            .require(key)?
+                            .error(format!("channels differ from AFDLoss.{key} ({ours:?})"))
+                    ));
+                }
+            }
             let qk_dim = p.usize_or("qk_dim", tt.qk_dim)?;
             if ts.qk_dim != qk_dim || tt.qk_dim != qk_dim {
                 return Err(e(format!(
@@ -610,12 +637,42 @@ impl CombinedLoss {
         if specs.is_empty() {
             bail!("no losses configured (Loss.Train is empty)");
         }
-        Ok(CombinedLoss {
+        let loss = CombinedLoss {
             terms: specs
                 .iter()
                 .map(|s| build_term(s, arch))
-                .collect::<Result<_>>()?,
-        })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        if let [t] = loss.terms.as_slice() {
+            let names = term_names(t);
+            if names.len() > 1 {
+                tracing::warn!(
+                    "{} is the only loss and yields {} terms ({}): kd-launch trains on their sum; PaddleClas would use only the first",
+                    t.config_name,
+                    names.len(),
+                    names.join(", ")
+                );
+            }
+        }
+        Ok(loss)
+    }
+
+    /// The losses of `Loss.Eval`: as [`Self::new`], without losses that have trainable layers
+    /// (they are fitted during training and have no meaning as an evaluation metric).
+    pub fn for_eval(specs: &[LossSpec], arch: &ArchConfig) -> Result<Self> {
+        let loss = Self::new(specs, arch)?;
+        for (t, spec) in loss.terms.iter().zip(specs) {
+            if t.has_part() {
+                bail!(
+                    "{}",
+                    spec.params.error(format!(
+                        "{} trains its own layers and cannot be an eval loss (use CELoss in Loss.Eval)",
+                        t.config_name
+                    ))
+                );
+            }
+        }
+        Ok(loss)
     }
 
     /// Checks that every model a loss names exists.
@@ -696,10 +753,7 @@ impl CombinedLoss {
         let mut total: Option<Tensor<B, 1>> = None;
         let mut next_part = 0;
         for (index, t) in self.terms.iter().enumerate() {
-            let part = if matches!(
-                t.formula,
-                Formula::Mgd { .. } | Formula::Pefd { .. } | Formula::Afd { .. }
-            ) {
+            let part = if t.has_part() {
                 next_part += 1;
                 Some(ctx.parts.get(next_part - 1).ok_or_else(|| {
                     anyhow!(
@@ -877,6 +931,8 @@ fn evaluate<B: Backend>(
             Formula::Afd {
                 student_keys,
                 teacher_keys,
+                student_channels,
+                teacher_channels,
                 ..
             },
         ) => {
@@ -890,6 +946,12 @@ fn evaluate<B: Backend>(
                 .iter()
                 .map(|k| feature(ot, tch, k).cloned())
                 .collect::<Result<Vec<_>>>()?;
+            for (i, (f, k)) in fs.iter().zip(student_keys).enumerate() {
+                check_channels(t, &format!("s_shapes[{i}]"), f, student_channels[i], s, k)?;
+            }
+            for (i, (f, k)) in ft.iter().zip(teacher_keys).enumerate() {
+                check_channels(t, &format!("t_shapes[{i}]"), f, teacher_channels[i], tch, k)?;
+            }
             let Some(LossPart::Afd(afd)) = part else {
                 bail!("AFDLoss: its trainable part is missing");
             };
@@ -924,7 +986,7 @@ fn evaluate<B: Backend>(
                             let es = embedding(oa, a, sk, *target_size)?;
                             let et = embedding(ob, b, tk, *target_size)?;
                             out.push(
-                                functional::rkd_angle(es.clone(), et.clone())
+                                functional::rkd_angle(es.clone(), et.clone(), *variant)
                                     .mul_scalar(*angle_weight),
                             );
                             out.push(
@@ -938,9 +1000,12 @@ fn evaluate<B: Backend>(
                         t_key,
                         alpha,
                         lambda,
-                        ..
+                        student_channels,
+                        teacher_channels,
                     } => {
                         let (fs, ft) = (feature(oa, a, s_key)?, feature(ob, b, t_key)?);
+                        check_channels(t, "student_channels", fs, *student_channels, a, s_key)?;
+                        check_channels(t, "teacher_channels", ft, *teacher_channels, b, t_key)?;
                         let [n, c, _, _] = ft.dims();
                         let mask = mgd_mask(n, c, *lambda, ctx, index, &ft.device());
                         let Some(LossPart::Mgd(mgd)) = part else {
@@ -949,8 +1014,16 @@ fn evaluate<B: Backend>(
                         check_spatial(fs, ft, &t.config_name)?;
                         out.push(mgd.forward(fs.clone(), ft.clone(), mask, *alpha));
                     }
-                    Formula::Pefd { s_key, t_key, .. } => {
+                    Formula::Pefd {
+                        s_key,
+                        t_key,
+                        student_channel,
+                        teacher_channel,
+                        ..
+                    } => {
                         let (fs, ft) = (feature(oa, a, s_key)?, feature(ob, b, t_key)?);
+                        check_channels(t, "student_channel", fs, *student_channel, a, s_key)?;
+                        check_channels(t, "teacher_channel", ft, *teacher_channel, b, t_key)?;
                         let Some(LossPart::Pefd(pefd)) = part else {
                             bail!("PEFDLoss: its trainable part is missing");
                         };
@@ -969,6 +1042,25 @@ fn evaluate<B: Backend>(
     };
     debug_assert_eq!(names.len(), values.len());
     Ok(names.into_iter().zip(values).collect())
+}
+
+/// The channels a loss's layers were built for must be those of the map it is given.
+fn check_channels<B: Backend>(
+    t: &LossTerm,
+    key: &str,
+    map: &Tensor<B, 4>,
+    expected: usize,
+    model: &str,
+    tap: &str,
+) -> Result<()> {
+    let got = map.dims()[1];
+    if got != expected {
+        bail!(
+            "{}.{key} is {expected}, but model {model}'s {tap:?} has {got} channels",
+            t.config_name
+        );
+    }
+    Ok(())
 }
 
 fn check_spatial<B: Backend>(fs: &Tensor<B, 4>, ft: &Tensor<B, 4>, loss: &str) -> Result<()> {
@@ -1235,5 +1327,130 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("Ghost"));
+    }
+
+    #[test]
+    fn new_losses_are_named_as_in_paddleclas() {
+        let l = combined(&specs(
+            "[{DistillationWSLLoss: {model_name_pairs: [[Student, Teacher]]}}, {DistillationSKDLoss: {model_name_pairs: [[Student, Teacher]], temperature: 1}}, {DistillationDISTLoss: {model_name_pairs: [[Student, Teacher]], name: my_dist}}, {DistillationRKDLoss: {student_keepkeys: [logits, f], teacher_keepkeys: [logits, f]}}, {DistillationPairLoss: {base_loss_name: PEFDLoss, model_name_pairs: [[Student, Teacher]], s_key: f, t_key: f, student_channel: 2, teacher_channel: 2}}]",
+        ))
+        .unwrap();
+        assert_eq!(
+            l.term_names(),
+            [
+                "wsl_loss_Student_Teacher",
+                "skd_loss_Student_Teacher",
+                "my_dist_Student_Teacher",
+                "loss_angle_0_Student_Teacher",
+                "loss_dist_0_Student_Teacher",
+                "loss_angle_1_Student_Teacher",
+                "loss_dist_1_Student_Teacher",
+                "loss_0_Student_Teacher",
+                "loss"
+            ]
+        );
+    }
+
+    /// Outputs with a `[2, C, 2, 2]` feature map `f` per model.
+    fn with_features(c: usize) -> (Outputs<Flex>, Tensor<Flex, 1, Int>) {
+        let (mut o, y) = outputs();
+        let d = Default::default();
+        for (name, v) in [("Student", 0.5f32), ("Teacher", -1.0)] {
+            let m = o.get_mut(name).unwrap();
+            m.features = vec![Tensor::<Flex, 4>::random(
+                [2, c, 2, 2],
+                burn::tensor::Distribution::Normal(v as f64, 1.0),
+                &d,
+            )];
+            m.feature_names = vec!["f".into()];
+        }
+        (o, y)
+    }
+
+    #[test]
+    fn each_entry_uses_its_own_trainable_part() {
+        let l = combined(&specs(
+            "[{DistillationPairLoss: {base_loss_name: PEFDLoss, model_name_pairs: [[Student, Teacher]], s_key: f, t_key: f, student_channel: 3, teacher_channel: 3}}, {CELoss: {}}, {DistillationPairLoss: {base_loss_name: MGDLoss, model_name_pairs: [[Student, Teacher]], s_key: f, t_key: f, student_channels: 3, teacher_channels: 3, name: loss_mgd}}]",
+        ))
+        .unwrap();
+        let d = Default::default();
+        let parts = l.init_parts::<Flex>(&d);
+        assert!(matches!(
+            parts.as_slice(),
+            [LossPart::Pefd(_), LossPart::Mgd(_)]
+        ));
+        fn ctx<'a>(
+            outputs: &'a Outputs<Flex>,
+            y: &Tensor<Flex, 1, Int>,
+            parts: &'a [LossPart<Flex>],
+        ) -> LossContext<'a, Flex> {
+            LossContext {
+                outputs,
+                labels: y.clone(),
+                epoch: 1,
+                default_model: "Student",
+                parts,
+                mode: BnMode::Train,
+                seed: 1,
+                step: 0,
+            }
+        }
+        let (o, y) = with_features(3);
+        let v = l.forward(&ctx(&o, &y, &parts)).unwrap();
+        assert!(value(&v.total).is_finite());
+        // Parts in the wrong order are an error, not a silent mix-up.
+        let swapped: Vec<_> = parts.into_iter().rev().collect();
+        let e = l.forward(&ctx(&o, &y, &swapped)).err().unwrap().to_string();
+        assert!(e.contains("PEFDLoss"), "{e}");
+        // Channels the layers were not built for name the config key.
+        let (o4, _) = with_features(4);
+        let fresh = l.init_parts::<Flex>(&d);
+        let e = l.forward(&ctx(&o4, &y, &fresh)).err().unwrap().to_string();
+        assert!(
+            e.contains("student_channel is 3") && e.contains("4 channels"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn losses_with_layers_are_refused_as_eval_losses() {
+        let s = specs(
+            "[{DistillationPairLoss: {base_loss_name: MGDLoss, model_name_pairs: [[Student, Teacher]], s_key: f, t_key: f, student_channels: 3, teacher_channels: 3}}]",
+        );
+        let arch = ArchConfig {
+            name: "DistillationModel".into(),
+            models: vec![],
+            infer_model_name: "Student".into(),
+            distillation: true,
+            attention: vec![],
+        };
+        let e = CombinedLoss::for_eval(&s, &arch).unwrap_err().to_string();
+        assert!(e.contains("cannot be an eval loss"), "{e}");
+        assert!(CombinedLoss::for_eval(&specs("[{CELoss: {}}]"), &arch).is_ok());
+    }
+
+    #[test]
+    fn mgd_masks_repeat_per_step_and_drop_lambda_of_channels() {
+        let (o, y) = outputs();
+        let ctx = |step| LossContext {
+            outputs: &o,
+            labels: y.clone(),
+            epoch: 1,
+            default_model: "Student",
+            parts: &[],
+            mode: BnMode::Train,
+            seed: 42,
+            step,
+        };
+        let mask = |step| -> Vec<f32> {
+            mgd_mask::<Flex>(64, 64, 0.15, &ctx(step), 1, &Default::default())
+                .into_data()
+                .to_vec()
+                .unwrap()
+        };
+        assert_eq!(mask(7), mask(7));
+        assert_ne!(mask(7), mask(8));
+        let dropped = mask(7).iter().filter(|&&v| v == 0.0).count() as f64 / 4096.0;
+        assert!((dropped - 0.15).abs() < 0.03, "dropped {dropped}");
     }
 }

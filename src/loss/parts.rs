@@ -41,6 +41,15 @@ impl<B: Backend> Conv<B> {
         }
     }
 
+    /// Paddle's default `Conv2D` initialisation: normal with std `sqrt(2 / (C_in·k²))`, zero bias.
+    pub fn paddle_default(cin: usize, cout: usize, kernel: usize, device: &B::Device) -> Self {
+        let std = (2.0 / (cin * kernel * kernel) as f64).sqrt();
+        Conv {
+            weight: normal([cout, cin, kernel, kernel], std, device),
+            bias: Param::from_tensor(Tensor::zeros([cout], device)),
+        }
+    }
+
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let pad = self.weight.dims()[2] / 2;
         conv2d(
@@ -113,7 +122,7 @@ impl<B: Backend> Pefd<B> {
     ) -> Self {
         Pefd {
             projectors: (0..projectors)
-                .map(|_| Conv::kaiming(student_channel, teacher_channel, 1, device))
+                .map(|_| Conv::paddle_default(student_channel, teacher_channel, 1, device))
                 .collect(),
         }
     }
