@@ -8,6 +8,14 @@ use kd_engine::engine::{self, RunOptions};
 use std::path::{Path, PathBuf};
 
 const STEPS: usize = 6;
+
+/// The CPU backend draws initial weights from one process-wide seeded RNG: tests that train must
+/// not interleave their draws, or runs stop being reproducible.
+static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn training_lock() -> std::sync::MutexGuard<'static, ()> {
+    TRAINING.lock().unwrap_or_else(|e| e.into_inner())
+}
 const CLASSES: usize = 4;
 const LR: f64 = 0.01;
 
@@ -157,6 +165,7 @@ fn overrides(config: &Path, data: &Path, list: &Path, out: &Path) -> Vec<String>
 
 #[test]
 fn shipped_configs_pass_check_unchanged() {
+    let _serial = training_lock();
     for path in configs() {
         let name = path.file_name().unwrap().to_str().unwrap();
         let cfg = Config::load(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -183,6 +192,7 @@ fn shipped_configs_pass_check_unchanged() {
 
 #[test]
 fn shipped_configs_train_a_few_steps_on_tiny_data() {
+    let _serial = training_lock();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -223,6 +233,7 @@ fn shipped_configs_train_a_few_steps_on_tiny_data() {
 /// schedules that do not depend on `Global.epochs`.
 #[test]
 fn loss_parts_are_checkpointed_and_resumed() {
+    let _serial = training_lock();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
