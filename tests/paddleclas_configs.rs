@@ -270,3 +270,45 @@ fn loss_parts_are_checkpointed_and_resumed() {
         );
     }
 }
+
+/// Mutual learning (DML: no frozen model) trains, saves and evaluates both models: `eval` reports
+/// the configured metric's model (`top1`) and the other trainable one (`Teacher_top1`).
+#[test]
+fn mutual_learning_evaluates_both_models() {
+    let _serial = training_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let list = tiny_dataset(&data);
+    let path = config_dir().join("PPLCNet_x2_5_dml.yaml");
+    let out = dir.path().join("dml");
+    let mut o = overrides(&path, &data, &list, &out);
+    o.push("Global.epochs=1".into());
+    let cfg = Config::load(&path, &o).unwrap();
+    let summary = engine::run_train(&cfg, RunOptions::default()).unwrap();
+    let latest = summary.output_dir.join("latest");
+    for model in ["Student", "Teacher"] {
+        assert!(
+            latest.join(format!("{model}.mpk")).is_file(),
+            "{model} saved"
+        );
+    }
+    o.extend([
+        format!("Global.pretrained_model={}", latest.display()),
+        format!("DataLoader.Eval.dataset.image_root={}", data.display()),
+        format!("DataLoader.Eval.dataset.cls_label_path={}", list.display()),
+        "DataLoader.Eval.dataset.transform_ops.1.ResizeImage.resize_short=36".into(),
+        "DataLoader.Eval.dataset.transform_ops.2.CropImage.size=32".into(),
+        "DataLoader.Eval.sampler.batch_size=4".into(),
+    ]);
+    let cfg = Config::load(&path, &o).unwrap();
+    let report = engine::run_eval(&cfg, RunOptions::default()).unwrap();
+    assert_eq!(report.samples, CLASSES);
+    for metric in ["top1", "Teacher_top1"] {
+        let v = report
+            .averages
+            .get(metric)
+            .unwrap_or_else(|| panic!("no {metric} in {:?}", report.averages.format(3)));
+        assert!((0.0..=1.0).contains(&v), "{metric} = {v}");
+    }
+}
