@@ -280,9 +280,6 @@ fn class_expand(spec: &ModelSpec) -> Result<usize> {
 /// a learning-rate multiplier of 1 per stage, six for PP-LCNet), so a config is never silently
 /// trained as a different model. PaddleClas's MobileNetV3 takes neither (it drops unknown keys).
 fn reject_non_default(spec: &ModelSpec) -> Result<()> {
-    if spec.name.starts_with("MobileNetV3") {
-        return Ok(());
-    }
     let all = |v: &Value, len: usize, x: f64| {
         v.as_sequence()
             .is_some_and(|s| s.len() == len && s.iter().all(|e| e.as_f64() == Some(x)))
@@ -292,6 +289,56 @@ fn reject_non_default(spec: &ModelSpec) -> Result<()> {
     } else {
         5
     };
+    // Other constructor arguments: only their defaults are implemented.
+    let defaults: &[(&str, Value)] = &[
+        ("act", Value::from("hard_swish")),
+        ("stem_act", Value::from("relu")),
+        ("layer_type", Value::from("ConvBNLayer")),
+        ("input_image_channel", Value::from(3)),
+        ("inplanes", Value::from(16)),
+        ("stop_after", Value::Null),
+        ("freeze_befor", Value::Null),
+    ];
+    for (key, default) in defaults {
+        if let Some(n) = spec.params.get(key) {
+            if n.value != *default && !(default.is_null() && n.value.is_null()) {
+                return Err(anyhow!(
+                    "{}",
+                    n.error(format!(
+                        "only PaddleClas's default ({}) is implemented in kd-launch (backbone {})",
+                        serde_yaml::to_string(default).unwrap_or_default().trim(),
+                        spec.name
+                    ))
+                ));
+            }
+        }
+    }
+    spec.params.warn_unknown_keys(&[
+        "name",
+        "class_num",
+        "pretrained",
+        "use_ssld",
+        "return_patterns",
+        "return_stages",
+        "stages_pattern",
+        "stem",
+        "dropout_prob",
+        "class_expand",
+        "use_last_conv",
+        "stride_list",
+        "lr_mult_list",
+        "act",
+        "stem_act",
+        "layer_type",
+        "input_image_channel",
+        "inplanes",
+        "stop_after",
+        "freeze_befor",
+        "scale",
+    ]);
+    if spec.name.starts_with("MobileNetV3") {
+        return Ok(());
+    }
     for key in ["stride_list", "lr_mult_list"] {
         let Some(n) = spec.params.get(key) else {
             continue;
@@ -589,6 +636,26 @@ mod tests {
         let out = m.forward(x, BnMode::Eval, &taps);
         assert_eq!(out.features[0].dims(), [1, 128, 5, 5]);
         assert_eq!(out.features[1].dims(), [1, 512, 2, 2]);
+    }
+
+    /// Constructor arguments kd-launch does not implement are errors unless they hold the default.
+    #[test]
+    fn non_default_constructor_arguments_are_refused() {
+        let d = Default::default();
+        for (name, extra, ok) in [
+            ("PPLCNet_x1_0", ", act: relu", false),
+            ("PPLCNet_x1_0", ", act: hard_swish", true),
+            ("ResNet50_vd", ", stop_after: \"blocks[3]\"", false),
+            ("ResNet50_vd", ", stop_after: null", true),
+            ("MobileNetV3_small_x1_0", ", inplanes: 32", false),
+        ] {
+            let r = Backbone::<Flex>::from_spec(&spec(name, 10, extra), &d);
+            match (ok, r) {
+                (true, r) => assert!(r.is_ok(), "{name}{extra}: {:?}", r.err()),
+                (false, Ok(_)) => panic!("{name}{extra} accepted"),
+                (false, Err(e)) => assert!(e.to_string().contains("default"), "{e}"),
+            }
+        }
     }
 
     /// Paddle's `downscale_in_infer` dropout: no rescaling in training, × (1 - p) in evaluation.

@@ -72,7 +72,8 @@ impl<B: Backend> BatchNorm2d<B> {
                 let (mean, var) = (mean.reshape([c]), var.reshape([c]));
                 let m = self.momentum;
                 let count = (n * h * w) as f64;
-                // Running variance is the unbiased estimate, as in Paddle and PyTorch.
+                // Running variance is the unbiased estimate, as PyTorch and Paddle's GPU kernels keep it
+                // (Paddle's CPU kernel keeps the biased one).
                 let unbiased = var
                     .clone()
                     .detach()
