@@ -170,11 +170,7 @@ impl<B: Backend> MobileNetV3<B> {
 
     /// `blocks[0]` .. `blocks[n-1]`, then `avg_pool` (the pooled `last_second_conv` output).
     pub fn tap_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = (0..self.blocks.len())
-            .map(|i| format!("blocks[{i}]"))
-            .collect();
-        names.push("avg_pool".into());
-        names
+        super::taps::block_list_taps(self.blocks.len())
     }
 
     /// PaddleClas's `stages_pattern`.

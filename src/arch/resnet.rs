@@ -228,11 +228,7 @@ impl<B: Backend> ResNet<B> {
     /// Feature taps in forward order: `blocks[0]` .. `blocks[n-1]`, then `avg_pool` (the
     /// globally pooled features, `[N, C, 1, 1]`).
     pub fn tap_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = (0..self.blocks.len())
-            .map(|i| format!("blocks[{i}]"))
-            .collect();
-        names.push("avg_pool".into());
-        names
+        super::taps::block_list_taps(self.blocks.len())
     }
 
     /// PaddleClas's `stages_pattern`: the last block of each stage.

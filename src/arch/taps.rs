@@ -79,6 +79,15 @@ fn describe(names: &[String]) -> String {
     parts.join(", ")
 }
 
+/// The taps of a network made of one flat list of blocks: `blocks[0]` .. `blocks[n-1]`, then
+/// `avg_pool` (the globally pooled features, `[N, C, 1, 1]`).
+pub fn block_list_taps(blocks: usize) -> Vec<String> {
+    (0..blocks)
+        .map(|i| format!("blocks[{i}]"))
+        .chain(["avg_pool".to_string()])
+        .collect()
+}
+
 /// Resolves `spec.return_patterns` to indices into `tap_names` (a backbone's
 /// `Backbone::tap_names`), in the config's order; an unknown pattern is an error listing the
 /// valid ones.
