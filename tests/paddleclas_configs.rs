@@ -84,8 +84,12 @@ const TERMS: &[(&str, &str)] = &[
 const UNSUPPORTED: &[(&str, &str)] =
     &[("res2net200_vd_distill_pphgnet_base.yaml", "not implemented")];
 
-/// Four 40×40 PNGs, one per class (a distinct colour plus noise), and their list file.
-fn tiny_dataset(dir: &Path) -> PathBuf {
+/// A temporary directory with `data/`: four 40×40 PNGs, one per class (a distinct colour plus
+/// noise), and their list file; returns (the directory, `data/`, the list).
+fn tiny_dataset() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
     let mut list = String::new();
     for label in 0..CLASSES {
         let img = image::RgbImage::from_fn(40, 40, |x, y| {
@@ -103,7 +107,7 @@ fn tiny_dataset(dir: &Path) -> PathBuf {
     }
     let path = dir.join("train.txt");
     std::fs::write(&path, list).unwrap();
-    path
+    (tmp, dir, path)
 }
 
 /// The `-o` overrides that shrink a config to the tiny run, found by walking its YAML.
@@ -193,10 +197,7 @@ fn shipped_configs_pass_check_unchanged() {
 #[test]
 fn shipped_configs_train_a_few_steps_on_tiny_data() {
     let _serial = training_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let list = tiny_dataset(&data);
+    let (dir, data, list) = tiny_dataset();
     let mut failures = vec![];
     for path in configs() {
         let name = path.file_name().unwrap().to_str().unwrap();
@@ -234,10 +235,7 @@ fn shipped_configs_train_a_few_steps_on_tiny_data() {
 #[test]
 fn loss_parts_are_checkpointed_and_resumed() {
     let _serial = training_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let list = tiny_dataset(&data);
+    let (dir, data, list) = tiny_dataset();
     for name in [
         "resnet34_distill_resnet18_mgd.yaml",
         "resnet34_distill_resnet18_afd.yaml",
@@ -276,10 +274,7 @@ fn loss_parts_are_checkpointed_and_resumed() {
 #[test]
 fn mutual_learning_evaluates_both_models() {
     let _serial = training_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let list = tiny_dataset(&data);
+    let (dir, data, list) = tiny_dataset();
     let path = config_dir().join("PPLCNet_x2_5_dml.yaml");
     let out = dir.path().join("dml");
     let mut o = overrides(&path, &data, &list, &out);

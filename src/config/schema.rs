@@ -400,24 +400,7 @@ fn parse_arch(a: &Node, global: &Node) -> ConfigResult<ArchConfig> {
         });
     }
     let entries = a.require("models")?.items()?;
-    let freeze = match a.get("freeze_params_list") {
-        None => vec![false; entries.len()],
-        Some(f) => {
-            let v = f
-                .items()?
-                .iter()
-                .map(Node::as_bool)
-                .collect::<ConfigResult<Vec<_>>>()?;
-            if v.len() != entries.len() {
-                return Err(f.error(format!(
-                    "has {} entries but Arch.models has {}",
-                    v.len(),
-                    entries.len()
-                )));
-            }
-            v
-        }
-    };
+    let freeze = freeze_list(a, entries.len(), "Arch.models")?;
     let mut models = vec![];
     let mut attention = vec![];
     for (entry, frozen) in entries.iter().zip(freeze) {
@@ -458,6 +441,22 @@ fn parse_arch(a: &Node, global: &Node) -> ConfigResult<ArchConfig> {
     })
 }
 
+/// `freeze_params_list` of `node`: one bool per model (all false when absent).
+fn freeze_list(node: &Node, models: usize, what: &str) -> ConfigResult<Vec<bool>> {
+    let Some(f) = node.get("freeze_params_list") else {
+        return Ok(vec![false; models]);
+    };
+    let v = f
+        .items()?
+        .iter()
+        .map(Node::as_bool)
+        .collect::<ConfigResult<Vec<_>>>()?;
+    if v.len() != models {
+        return Err(f.error(format!("has {} entries but {what} has {models}", v.len())));
+    }
+    Ok(v)
+}
+
 /// An AFD `AttentionModel`: `models: [<backbone>, <LinearTransformTeacher|Student>]` with its own
 /// `freeze_params_list` (the backbone may be frozen; the transform must train).
 fn parse_attention_model(
@@ -473,20 +472,7 @@ fn parse_attention_model(
             entries.len()
         )));
     }
-    let inner_frozen = match params.get("freeze_params_list") {
-        None => vec![false, false],
-        Some(f) => {
-            let v = f
-                .items()?
-                .iter()
-                .map(Node::as_bool)
-                .collect::<ConfigResult<Vec<_>>>()?;
-            if v.len() != 2 {
-                return Err(f.error(format!("has {} entries, expected 2", v.len())));
-            }
-            v
-        }
-    };
+    let inner_frozen = freeze_list(params, 2, "the AttentionModel's models")?;
     if frozen {
         return Err(params.error(
             "Arch.freeze_params_list freezes this AttentionModel, whose LinearTransform must train; freeze its backbone in its own freeze_params_list instead",
