@@ -22,8 +22,21 @@ pub fn set_cpu_conv(on: bool) {
 pub enum BnMode {
     /// Batch statistics; running statistics are updated.
     Train,
+    /// Batch statistics of `k` interleaved splits of the batch (samples `i ≡ s mod k` form split
+    /// `s`), each normalised by its own statistics; running statistics are updated with their
+    /// mean. This is what `k` workers with per-worker BatchNorm compute on the shards of one
+    /// global batch (DistributedBatchSampler deals sample `i` to rank `i mod k`), so one worker
+    /// can reproduce a `k`-worker run ("ghost" batch norm).
+    TrainSplits(usize),
     /// Running statistics.
     Eval,
+}
+
+impl BnMode {
+    /// Whether this is a training mode (batch statistics, dropout active).
+    pub fn is_train(self) -> bool {
+        !matches!(self, BnMode::Eval)
+    }
 }
 
 /// BatchNorm over `[N, C, H, W]`. Unlike burn's, the mode is an argument rather than
@@ -54,12 +67,19 @@ impl<B: Backend> BatchNorm2d<B> {
 
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
+        let splits = match mode {
+            BnMode::TrainSplits(k) if k > 1 && n % k == 0 => k,
+            _ => 1,
+        };
+        if splits > 1 {
+            return self.forward_splits(x, splits);
+        }
         let (mean, var) = match mode {
             BnMode::Eval => (
                 self.running_mean.value_sync(),
                 self.running_var.value_sync(),
             ),
-            BnMode::Train => {
+            BnMode::Train | BnMode::TrainSplits(_) => {
                 // [N, C, HW] is a free view of the contiguous activation.
                 let flat = x.clone().reshape([n, c, h * w]);
                 let mean = flat.clone().mean_dim(2).mean_dim(0); // [1, C, 1]
@@ -70,26 +90,7 @@ impl<B: Backend> BatchNorm2d<B> {
                     .mean_dim(2)
                     .mean_dim(0);
                 let (mean, var) = (mean.reshape([c]), var.reshape([c]));
-                let m = self.momentum;
-                let count = (n * h * w) as f64;
-                // Running variance is the unbiased estimate, as PyTorch and Paddle's GPU kernels keep it
-                // (Paddle's CPU kernel keeps the biased one).
-                let unbiased = var
-                    .clone()
-                    .detach()
-                    .mul_scalar(count / (count - 1.0).max(1.0));
-                self.running_mean.update(
-                    self.running_mean
-                        .value_sync()
-                        .mul_scalar(1.0 - m)
-                        .add(mean.clone().detach().mul_scalar(m)),
-                );
-                self.running_var.update(
-                    self.running_var
-                        .value_sync()
-                        .mul_scalar(1.0 - m)
-                        .add(unbiased.mul_scalar(m)),
-                );
+                self.update_running(mean.clone(), var.clone(), n * h * w);
                 (mean, var)
             }
         };
@@ -99,6 +100,57 @@ impl<B: Backend> BatchNorm2d<B> {
         let shift = self.bias.val().sub(mean.mul(scale.clone()));
         let per_row = |t: Tensor<B, 1>| t.reshape([1, c, 1, 1]).repeat_dim(0, n);
         x.mul(per_row(scale)).add(per_row(shift))
+    }
+
+    /// [`BnMode::TrainSplits`]: `[N, C, H, W]` viewed as `[N/k, k, C, HW]` puts sample
+    /// `j·k + s` at `(j, s)`, so split `s` is a slice along the second axis.
+    fn forward_splits(&self, x: Tensor<B, 4>, k: usize) -> Tensor<B, 4> {
+        let [n, c, h, w] = x.dims();
+        let m = n / k;
+        let flat = x.reshape([m, k, c, h * w]);
+        let mean = flat.clone().mean_dim(3).mean_dim(0); // [1, k, C, 1]
+        let var = (flat.clone() - mean.clone().repeat_dim(0, m))
+            .square()
+            .mean_dim(3)
+            .mean_dim(0);
+        self.update_running(
+            mean.clone().mean_dim(1).reshape([c]),
+            var.clone().mean_dim(1).reshape([c]),
+            m * h * w,
+        );
+        let gamma = self.weight.val().reshape([1, 1, c, 1]);
+        let beta = self.bias.val().reshape([1, 1, c, 1]);
+        let scale = gamma.div(var.add_scalar(self.epsilon).sqrt()); // [1, k, C, 1]
+        let shift = beta.sub(mean.mul(scale.clone()));
+        flat.mul(scale.repeat_dim(0, m))
+            .add(shift.repeat_dim(0, m))
+            .reshape([n, c, h, w])
+    }
+
+    /// Moves the running statistics towards a batch's (biased) `var` over `count` values per
+    /// channel, and applies the update at once, so the stored value is always current (burn's
+    /// `RunningState` otherwise holds it back until the next read, and a module visitor or mapper
+    /// — checkpoints, replica synchronisation — would see the previous step's value).
+    fn update_running(&self, mean: Tensor<B, 1>, var: Tensor<B, 1>, count: usize) {
+        let m = self.momentum;
+        let count = count as f64;
+        // Running variance is the unbiased estimate, as PyTorch and Paddle's GPU kernels keep it
+        // (Paddle's CPU kernel keeps the biased one).
+        let unbiased = var.detach().mul_scalar(count / (count - 1.0).max(1.0));
+        self.running_mean.update(
+            self.running_mean
+                .value_sync()
+                .mul_scalar(1.0 - m)
+                .add(mean.detach().mul_scalar(m)),
+        );
+        self.running_var.update(
+            self.running_var
+                .value_sync()
+                .mul_scalar(1.0 - m)
+                .add(unbiased.mul_scalar(m)),
+        );
+        let _ = self.running_mean.value_sync();
+        let _ = self.running_var.value_sync();
     }
 }
 
@@ -291,7 +343,7 @@ impl PaddleDropout {
         }
         let keep = 1.0 - self.prob;
         match mode {
-            BnMode::Train => {
+            BnMode::Train | BnMode::TrainSplits(_) => {
                 let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
                 x.mul(mask)
             }
@@ -305,6 +357,38 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::{Distribution, TensorData};
+
+    /// `TrainSplits(k)` on a batch of `k·b` equals `k` separate `Train` passes on the interleaved
+    /// splits (what `k` workers compute), with the running statistics averaged over them.
+    #[test]
+    fn batchnorm_splits_equal_separate_batches() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 4>::random([6, 3, 2, 2], Distribution::Normal(1.0, 2.0), &device);
+        let whole = BatchNorm2d::<Flex>::new(3, &device);
+        let y = whole.forward(x.clone(), BnMode::TrainSplits(2));
+        let mut running = vec![];
+        for s in 0..2 {
+            let idx = Tensor::<Flex, 1, burn::tensor::Int>::from_data(
+                TensorData::new(vec![s as i64, s as i64 + 2, s as i64 + 4], [3]),
+                &device,
+            );
+            let part = BatchNorm2d::<Flex>::new(3, &device);
+            let ys = part.forward(x.clone().select(0, idx.clone()), BnMode::Train);
+            let got = y.clone().select(0, idx);
+            let diff: f32 = (ys - got).abs().max().into_scalar();
+            assert!(diff < 1e-5, "split {s}: {diff}");
+            running.push(part.running_var.value().into_data().to_vec::<f32>().unwrap());
+        }
+        let mean: Vec<f32> = running[0].iter().zip(&running[1]).map(|(a, b)| (a + b) / 2.0).collect();
+        let got = whole.running_var.value().into_data().to_vec::<f32>().unwrap();
+        for (a, b) in mean.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-5, "{mean:?} vs {got:?}");
+        }
+        // Plain training on the whole batch differs (other statistics): the test can fail.
+        let plain = BatchNorm2d::<Flex>::new(3, &device).forward(x, BnMode::Train);
+        let d: f32 = (plain - y).abs().max().into_scalar();
+        assert!(d > 1e-3);
+    }
 
     #[test]
     fn batchnorm_train_normalises_and_updates_running_stats() {

@@ -71,6 +71,9 @@ pub struct DistillationModel<B: AutodiffBackend> {
     pub infer_model_name: String,
     /// BatchNorm mode of frozen models during training (eval unless the PaddleClas flag is set).
     pub frozen_bn: BnMode,
+    /// BatchNorm mode of trainable models during training (`Train`, or `TrainSplits` to
+    /// reproduce several workers' per-worker statistics on one).
+    pub train_bn: BnMode,
 }
 
 pub type Outputs<B> = BTreeMap<String, ModelOutput<B>>;
@@ -150,6 +153,7 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             } else {
                 BnMode::Eval
             },
+            train_bn: BnMode::Train,
         })
     }
 
@@ -178,7 +182,7 @@ impl<B: AutodiffBackend> DistillationModel<B> {
                     feature_names: vec![],
                 }
             } else {
-                self.trainable.models[slot.index].forward(x.clone(), BnMode::Train, &slot.taps)
+                self.trainable.models[slot.index].forward(x.clone(), self.train_bn, &slot.taps)
             };
             out.insert(
                 slot.key.clone(),

@@ -39,6 +39,10 @@ pub struct GlobalConfig {
     pub frozen_bn_uses_batch_stats: bool,
     /// kd-launch extension: decode/augment threads (defaults to `DataLoader.Train.loader.num_workers`).
     pub threads: Option<usize>,
+    /// kd-launch extension: trainable models' BatchNorm takes its batch statistics over this many
+    /// interleaved splits of each batch (1 = the whole batch). With `k` and batch `k·b`, one worker
+    /// computes what `k` workers with batch `b` compute (see `BnMode::TrainSplits`).
+    pub bn_stat_splits: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -348,6 +352,7 @@ fn parse_global(g: &Node, train: Option<&LoaderSection>) -> ConfigResult<GlobalC
             .usize("threads")?
             .or(train.map(|t| t.num_workers))
             .filter(|&t| t > 0),
+        bn_stat_splits: positive("bn_stat_splits", 1)?,
     })
 }
 

@@ -124,6 +124,7 @@ impl Loader {
             seed: at.seed,
             rank: at.rank,
             world: at.world,
+            pad: train,
         };
         let transforms = super::transforms::build(&d.transforms)?;
         let loader = Loader {

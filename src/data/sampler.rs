@@ -1,5 +1,7 @@
 //! Batch sampling as PaddleClas's `DistributedBatchSampler`: one seeded permutation per epoch,
 //! padded by repetition to a multiple of the world size, each rank taking every `world`-th index.
+//! Evaluation does not pad (`pad: false`): ranks then hold at most one sample more than
+//! another, and every sample is counted exactly once in the reduced metrics.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -13,6 +15,8 @@ pub struct BatchSampler {
     pub seed: u64,
     pub rank: usize,
     pub world: usize,
+    /// Repeat samples so every rank gets the same count (training: ranks step together).
+    pub pad: bool,
 }
 
 impl BatchSampler {
@@ -25,9 +29,11 @@ impl BatchSampler {
             );
             idx.shuffle(&mut rng);
         }
-        let total = self.len.div_ceil(self.world) * self.world;
-        let pad: Vec<usize> = idx.iter().cycle().take(total - self.len).copied().collect();
-        idx.extend(pad);
+        if self.pad {
+            let total = self.len.div_ceil(self.world) * self.world;
+            let pad: Vec<usize> = idx.iter().cycle().take(total - self.len).copied().collect();
+            idx.extend(pad);
+        }
         idx.into_iter()
             .skip(self.rank)
             .step_by(self.world)
@@ -42,8 +48,13 @@ impl BatchSampler {
             .collect()
     }
 
+    /// Batches per epoch on this rank.
     pub fn num_batches(&self) -> usize {
-        let per_rank = self.len.div_ceil(self.world);
+        let per_rank = if self.pad {
+            self.len.div_ceil(self.world)
+        } else {
+            (self.len + self.world - 1 - self.rank.min(self.world - 1)) / self.world
+        };
         if self.drop_last {
             per_rank / self.batch_size
         } else {
@@ -72,6 +83,7 @@ mod tests {
             seed: 7,
             rank,
             world,
+            pad: true,
         }
     }
 
@@ -102,5 +114,47 @@ mod tests {
         all.sort();
         all.dedup();
         assert_eq!(all, (0..5).collect::<Vec<_>>());
+    }
+
+    /// Issue 4 (b): with any world size, one epoch's shards are disjoint, equally long and cover
+    /// every sample (training, padded by repetition); unpadded (eval) shards cover every sample
+    /// exactly once.
+    #[test]
+    fn shards_cover_every_sample_exactly_once_per_epoch() {
+        for len in [1, 7, 10, 64, 101] {
+            for world in 1..=4 {
+                for epoch in 0..3 {
+                    let shards: Vec<Vec<usize>> = (0..world)
+                        .map(|r| s(len, 3, true, false, r, world).batches(epoch).concat())
+                        .collect();
+                    let per = len.div_ceil(world);
+                    assert!(shards.iter().all(|sh| sh.len() == per), "{len} {world}");
+                    for r in 0..world {
+                        assert_eq!(
+                            s(len, 3, true, false, r, world).num_batches(),
+                            per.div_ceil(3)
+                        );
+                    }
+                    let mut all = shards.concat();
+                    all.sort();
+                    let mut uniq = all.clone();
+                    uniq.dedup();
+                    assert_eq!(uniq, (0..len).collect::<Vec<_>>(), "{len} {world}");
+                    // Unpadded: exactly once, and num_batches matches each rank's share.
+                    let mut once = vec![];
+                    for r in 0..world {
+                        let e = BatchSampler {
+                            pad: false,
+                            ..s(len, 3, false, false, r, world)
+                        };
+                        let b = e.batches(0);
+                        assert_eq!(e.num_batches(), b.len(), "{len} {world} {r}");
+                        once.extend(b.concat());
+                    }
+                    once.sort();
+                    assert_eq!(once, (0..len).collect::<Vec<_>>());
+                }
+            }
+        }
     }
 }

@@ -1,7 +1,17 @@
-//! Collectives: the engine's only view of other workers. The single-process implementation is a
-//! no-op; MPI (CPU, multi-node) and NCCL (GPU) implementations plug in behind the same trait.
+//! Collectives: the engine's only view of other workers. Implementations: [`SingleProcess`]
+//! (a no-op), [`tcp::TcpCollective`] (the workers of one `kd-launch --nproc/--gpus` launch,
+//! through rank 0), `mpi::MpiCollective` (feature `mpi`: ranks started by `mpirun`, across
+//! nodes) and `nccl::NcclCollective` (feature `cuda`: GPU workers; its unique id travels over
+//! one of the others).
 
-use anyhow::Result;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod tcp;
+
+use anyhow::{bail, Result};
+use std::time::Duration;
 
 /// Rank, world size and the collective operations training needs, on flat `f32` buffers.
 pub trait Collective: Send {
@@ -20,10 +30,14 @@ pub trait Collective: Send {
     }
     /// Overwrites `buf` on every rank with `root`'s contents.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// [`Collective::broadcast`] of raw bytes (e.g. an NCCL unique id).
+    fn broadcast_bytes(&mut self, buf: &mut [u8], root: usize) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
     fn is_main(&self) -> bool {
         self.rank() == 0
     }
+    /// A short name for logs (`tcp`, `mpi`, `nccl`).
+    fn kind(&self) -> &'static str;
 }
 
 /// One process: every operation is the identity.
@@ -43,7 +57,80 @@ impl Collective for SingleProcess {
     fn broadcast(&mut self, _buf: &mut [f32], _root: usize) -> Result<()> {
         Ok(())
     }
+    fn broadcast_bytes(&mut self, _buf: &mut [u8], _root: usize) -> Result<()> {
+        Ok(())
+    }
     fn barrier(&mut self) -> Result<()> {
         Ok(())
     }
+    fn kind(&self) -> &'static str {
+        "single"
+    }
+}
+
+/// Whether this build can join an `mpirun` job (cargo feature `mpi`).
+pub const MPI_AVAILABLE: bool = cfg!(feature = "mpi");
+
+/// What to install and rebuild when MPI is asked of a build without it.
+pub const MPI_MISSING: &str =
+    "this kd-launch was built without MPI: install Open MPI and libclang \
+     (Debian/Ubuntu: `apt-get install libopenmpi-dev openmpi-bin libclang-dev`) and rebuild with \
+     `cargo build --release --features mpi`";
+
+/// How a worker finds the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rendezvous {
+    /// No other workers.
+    Single,
+    /// Workers of one `kd-launch` launch: rank 0 listens on `addr` (`MASTER_ADDR:MASTER_PORT`).
+    Tcp {
+        addr: String,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+    },
+    /// Ranks of an `mpirun` job (`MPI_Init` tells rank and size).
+    Mpi,
+}
+
+/// Joins the group `rv` describes. With `gpu`, gradients go over NCCL (feature `cuda`) on
+/// device `local_device`, bootstrapped by the TCP or MPI group.
+pub fn connect(rv: &Rendezvous, gpu: bool, local_device: usize) -> Result<Box<dyn Collective>> {
+    let base: Box<dyn Collective> = match rv {
+        Rendezvous::Single => return Ok(Box::new(SingleProcess)),
+        Rendezvous::Tcp {
+            addr,
+            rank,
+            world,
+            timeout,
+        } => Box::new(tcp::TcpCollective::connect(addr, *rank, *world, *timeout)?),
+        Rendezvous::Mpi => mpi_collective()?,
+    };
+    if !gpu {
+        return Ok(base);
+    }
+    nccl_collective(base, local_device)
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_collective() -> Result<Box<dyn Collective>> {
+    Ok(Box::new(mpi::MpiCollective::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_collective() -> Result<Box<dyn Collective>> {
+    bail!("{MPI_MISSING}")
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_collective(base: Box<dyn Collective>, local_device: usize) -> Result<Box<dyn Collective>> {
+    Ok(Box::new(nccl::NcclCollective::new(base, local_device)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_collective(
+    _base: Box<dyn Collective>,
+    _local_device: usize,
+) -> Result<Box<dyn Collective>> {
+    bail!("GPU workers need NCCL, which this kd-launch was built without: rebuild with `--features cuda`")
 }

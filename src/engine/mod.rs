@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod evaluate;
 pub mod export;
 pub mod infer;
+pub mod replicas;
 pub mod train;
 
 use crate::config::{Config, DeviceKind};

@@ -4,7 +4,7 @@
 
 use super::checkpoint::{self, TrainState, OPTIMIZER_FILE};
 use super::evaluate::{evaluate, EvalData};
-use super::RunOptions;
+use super::{replicas, RunOptions};
 use crate::arch::{recorder, BnMode, DistillationModel, TrainableSet};
 use crate::config::{Config, MetricSpec, Pretrained};
 use crate::data::{ImageNetDataset, Loader, Placement};
@@ -152,6 +152,9 @@ pub fn train<B: AutodiffBackend>(
         .then(|| CombinedLoss::for_eval(&cfg.eval_loss, &cfg.arch))
         .transpose()?;
     model.trainable.loss_parts = loss.init_parts(&device);
+    if g.bn_stat_splits > 1 {
+        model.train_bn = BnMode::TrainSplits(g.bn_stat_splits);
+    }
     load_initial_weights(cfg, &mut model, &device)?;
 
     let section = cfg.train_section()?;
@@ -203,6 +206,18 @@ pub fn train<B: AutodiffBackend>(
             state.best_epoch
         );
     }
+    if world > 1 {
+        // Every replica starts from rank 0's weights, buffers and frozen models (same seed or
+        // not, same files or not), and draws its own random numbers (dropout) from here on.
+        let coll = opts.collective.as_mut();
+        model.trainable = replicas::broadcast_from_main(model.trainable, coll)?;
+        model.frozen = replicas::broadcast_from_main(model.frozen, coll)?;
+        B::seed(&device, g.seed.wrapping_add(rank as u64));
+        tracing::info!(
+            "rank {rank} of {world} ({} collectives): replicas synchronised from rank 0",
+            opts.collective.kind()
+        );
+    }
     let train_metrics = metric_specs(&cfg.train_metric, &cfg.arch.infer_model_name);
     let progress = opts
         .progress
@@ -245,7 +260,16 @@ pub fn train<B: AutodiffBackend>(
             if !total.is_finite() {
                 bail!("loss is {total} at epoch {epoch}, iteration {i}: training diverged (lower the learning rate?)");
             }
-            let grads = GradientsParams::from_grads(values.total.backward(), &model.trainable);
+            let mut grads = GradientsParams::from_grads(values.total.backward(), &model.trainable);
+            // The stop request travels with the gradients, so every rank stops after the same step.
+            let mut stop_votes = [opts.stop.load(Ordering::SeqCst) as u8 as f32];
+            let sync = replicas::all_reduce_grads(
+                &model.trainable,
+                &mut grads,
+                &mut stop_votes,
+                opts.collective.as_mut(),
+            )?;
+            let stop_now = stop_votes[0] > 0.0;
             let lr = schedule.at(state.global_step, epoch - 1);
             model.trainable = optim.step(lr, model.trainable, grads);
             state.global_step += 1;
@@ -254,15 +278,23 @@ pub fn train<B: AutodiffBackend>(
             timing.add("batch_cost", (now - tick).as_secs_f64(), 1);
             timing.add("reader_cost", reader.as_secs_f64(), 1);
             timing.add("images", n as f64, 1);
+            if world > 1 {
+                timing.add("allreduce_cost", (sync.copy + sync.reduce).as_secs_f64(), 1);
+            }
             tick = now;
             if let Some(pb) = &progress {
                 pb.set_position(i as u64);
             }
-            if main && (i.is_multiple_of(g.print_batch_step) || i == iters) {
+            // Every rank logs (the launcher shows rank 0's lines and files all of them).
+            if i.is_multiple_of(g.print_batch_step) || i == iters {
                 let bc = timing.get("batch_cost").unwrap_or(0.0);
                 let left = (g.epochs - epoch) * iters + (iters - i);
+                let comm = timing
+                    .get("allreduce_cost")
+                    .map(|c| format!(", allreduce_cost: {c:.5}s"))
+                    .unwrap_or_default();
                 tracing::info!(
-                    "[Train][Epoch {epoch}/{}][Iter: {}/{iters}]lr({}): {lr:.8}, {}, batch_cost: {bc:.5}s, reader_cost: {:.5}s, ips: {:.5} samples/s, eta: {}",
+                    "[Train][Epoch {epoch}/{}][Iter: {}/{iters}]lr({}): {lr:.8}, {}, batch_cost: {bc:.5}s, reader_cost: {:.5}s{comm}, ips: {:.5} samples/s, eta: {}",
                     g.epochs,
                     i - 1,
                     opt_cfg.lr.name,
@@ -272,13 +304,15 @@ pub fn train<B: AutodiffBackend>(
                     fmt_eta(bc * left as f64)
                 );
             }
-            if opts.stop.load(Ordering::SeqCst) {
+            if stop_now {
                 stopped = true;
                 if i < iters {
                     // Mid-epoch: save the position; the rest of the epoch runs on resume.
                     state.epoch = epoch - 1;
                     state.step_in_epoch = i;
                     drop(it);
+                    model.trainable =
+                        replicas::average_running_stats(model.trainable, opts.collective.as_mut())?;
                     if main {
                         save(
                             &model,
@@ -292,6 +326,7 @@ pub fn train<B: AutodiffBackend>(
                             arch_dir.display()
                         );
                     }
+                    opts.collective.barrier()?;
                     break 'epochs;
                 }
                 // Last batch of the epoch: finish it (eval, checkpoints) below, then stop.
@@ -299,6 +334,9 @@ pub fn train<B: AutodiffBackend>(
         }
         drop(it);
         state.epoch = epoch;
+        // Eval and checkpoints read the running statistics: make them the replicas' mean.
+        model.trainable =
+            replicas::average_running_stats(model.trainable, opts.collective.as_mut())?;
         if main {
             tracing::info!("[Train][Epoch {epoch}/{}][Avg]{}", g.epochs, avg.format(5));
         }

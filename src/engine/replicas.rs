@@ -1,0 +1,385 @@
+//! Keeping data-parallel replicas identical: rank 0's initial weights and buffers broadcast to
+//! all, gradients all-reduced (mean) as a few large flat buckets, and BatchNorm running
+//! statistics averaged before anything reads them (eval, checkpoints).
+//!
+//! Averaging running statistics is exact, not an approximation: each rank's running mean is
+//! an exponential average of its own batch means, and averages are linear, so the mean of
+//! the ranks' running statistics is the running statistic of the ranks' mean batch
+//! statistics — what one worker with `Global.bn_stat_splits = world` computes.
+
+use crate::dist::Collective;
+use anyhow::Result;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use std::time::{Duration, Instant};
+
+/// Floats per all-reduce call (25 MB, PyTorch DDP's default bucket size).
+pub const BUCKET_FLOATS: usize = (25 << 20) / 4;
+
+/// Where the time of one synchronisation went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncCost {
+    /// Moving tensors to and from the flat buffer.
+    pub copy: Duration,
+    /// Inside the collective.
+    pub reduce: Duration,
+    /// Floats exchanged.
+    pub floats: usize,
+}
+
+fn in_buckets(
+    buf: &mut [f32],
+    coll: &mut dyn Collective,
+    mut op: impl FnMut(&mut dyn Collective, &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    for chunk in buf.chunks_mut(BUCKET_FLOATS) {
+        op(coll, chunk)?;
+    }
+    Ok(())
+}
+
+fn host_floats<B: Backend, const D: usize>(t: Tensor<B, D>, out: &mut Vec<f32>) {
+    let data = t.into_data().convert::<f32>();
+    out.extend_from_slice(data.as_slice::<f32>().expect("converted to f32"));
+}
+
+/// Gradients of a module's parameters, taken out of `grads` in visiting order.
+struct TakeGrads<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    flat: Vec<f32>,
+    taken: Vec<(ParamId, Vec<usize>)>,
+    device: Option<B::Device>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for TakeGrads<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.device.get_or_insert_with(|| g.device());
+            self.taken.push((param.id, g.dims().to_vec()));
+            host_floats(g, &mut self.flat);
+        }
+    }
+}
+
+/// All-reduces the gradients in `grads` (mean over ranks) and `extra` (sum; e.g. stop flags),
+/// in one pass over [`BUCKET_FLOATS`]-sized buckets.
+pub fn all_reduce_grads<B: AutodiffBackend, M: Module<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    extra: &mut [f32],
+    coll: &mut dyn Collective,
+) -> Result<SyncCost> {
+    let world = coll.world_size();
+    if world == 1 {
+        return Ok(SyncCost::default());
+    }
+    let t0 = Instant::now();
+    let mut take = TakeGrads::<B> {
+        grads,
+        flat: vec![],
+        taken: vec![],
+        device: None,
+    };
+    module.visit(&mut take);
+    let TakeGrads {
+        grads,
+        mut flat,
+        taken,
+        device,
+    } = take;
+    let n_grads = flat.len();
+    flat.extend_from_slice(extra);
+    let t1 = Instant::now();
+    in_buckets(&mut flat, coll, |c, b| c.all_reduce_sum(b))?;
+    let t2 = Instant::now();
+    let scale = 1.0 / world as f32;
+    let mut offset = 0;
+    if let Some(device) = device {
+        for (id, shape) in taken {
+            let len: usize = shape.iter().product();
+            let mean: Vec<f32> = flat[offset..offset + len]
+                .iter()
+                .map(|v| v * scale)
+                .collect();
+            offset += len;
+            register::<B::InnerBackend>(grads, id, mean, shape, &device);
+        }
+    }
+    extra.copy_from_slice(&flat[n_grads..]);
+    Ok(SyncCost {
+        copy: (t1 - t0) + t2.elapsed(),
+        reduce: t2 - t1,
+        floats: flat.len(),
+    })
+}
+
+/// Registers a gradient of rank `shape.len()` (burn's tensors carry their rank in the type).
+fn register<B: Backend>(
+    grads: &mut GradientsParams,
+    id: ParamId,
+    values: Vec<f32>,
+    shape: Vec<usize>,
+    device: &B::Device,
+) {
+    macro_rules! reg {
+        ($($d:literal)*) => {
+            match shape.len() {
+                $($d => grads.register::<B, $d>(
+                    id,
+                    Tensor::from_data(TensorData::new(values, shape), device),
+                ),)*
+                d => panic!("gradient of rank {d}: not supported"),
+            }
+        };
+    }
+    reg!(1 2 3 4 5 6);
+}
+
+/// Every float tensor of a module (parameters and running statistics), flattened in visiting
+/// order; `only` filters by field name (`running_mean`, ...).
+struct Gather {
+    flat: Vec<f32>,
+    path: Vec<String>,
+    only: Option<&'static [&'static str]>,
+}
+
+impl Gather {
+    fn selected(&self) -> bool {
+        match self.only {
+            None => true,
+            Some(names) => self
+                .path
+                .last()
+                .is_some_and(|n| names.contains(&n.as_str())),
+        }
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for Gather {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.selected() {
+            host_floats(param.val(), &mut self.flat);
+        }
+    }
+}
+
+/// Writes [`Gather`]'s flat buffer back, in the same order and with the same filter.
+struct Scatter {
+    flat: Vec<f32>,
+    offset: usize,
+    path: Vec<String>,
+    only: Option<&'static [&'static str]>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Scatter {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let selected = match self.only {
+            None => true,
+            Some(names) => self
+                .path
+                .last()
+                .is_some_and(|n| names.contains(&n.as_str())),
+        };
+        let (id, tensor, mapper) = param.consume();
+        if !selected {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let shape = tensor.dims();
+        let len: usize = shape.iter().product();
+        let values = self.flat[self.offset..self.offset + len].to_vec();
+        self.offset += len;
+        let mut fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &tensor.device());
+        if tensor.is_require_grad() {
+            fresh = fresh.require_grad();
+        }
+        Param::from_mapped_value(id, fresh, mapper)
+    }
+}
+
+/// The names of BatchNorm's running statistics (the module fields of `layers::BatchNorm2d`).
+const RUNNING_STATS: &[&str] = &["running_mean", "running_var"];
+
+fn exchange<B: Backend, M: Module<B>>(
+    module: M,
+    only: Option<&'static [&'static str]>,
+    coll: &mut dyn Collective,
+    op: impl FnMut(&mut dyn Collective, &mut [f32]) -> Result<()>,
+) -> Result<M> {
+    if coll.world_size() == 1 {
+        return Ok(module);
+    }
+    let mut gather = Gather {
+        flat: vec![],
+        path: vec![],
+        only,
+    };
+    module.visit(&mut gather);
+    let mut flat = gather.flat;
+    in_buckets(&mut flat, coll, op)?;
+    let mut scatter = Scatter {
+        flat,
+        offset: 0,
+        path: vec![],
+        only,
+    };
+    let module = module.map(&mut scatter);
+    debug_assert_eq!(scatter.offset, scatter.flat.len());
+    Ok(module)
+}
+
+/// Replaces every parameter and buffer of `module` with rank 0's.
+pub fn broadcast_from_main<B: Backend, M: Module<B>>(
+    module: M,
+    coll: &mut dyn Collective,
+) -> Result<M> {
+    exchange(module, None, coll, |c, b| c.broadcast(b, 0))
+}
+
+/// Replaces BatchNorm running statistics by their mean over ranks.
+pub fn average_running_stats<B: Backend, M: Module<B>>(
+    module: M,
+    coll: &mut dyn Collective,
+) -> Result<M> {
+    exchange(module, Some(RUNNING_STATS), coll, |c, b| {
+        c.all_reduce_mean(b)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::layers::{BatchNorm2d, BnMode};
+    use crate::dist::tcp::TcpCollective;
+    use burn::backend::{Autodiff, Flex};
+    use std::time::Duration;
+
+    type Ad = Autodiff<Flex>;
+
+    fn on_two_ranks<T: Send + 'static>(
+        f: impl Fn(TcpCollective) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let hs: Vec<_> = (0..2)
+            .map(|r| {
+                let (addr, f) = (addr.clone(), f.clone());
+                std::thread::spawn(move || {
+                    f(TcpCollective::connect(&addr, r, 2, Duration::from_secs(20)).unwrap())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    /// A BatchNorm whose weights and statistics depend on `r`, trained one step on `r`'s data.
+    fn bn_for_rank(r: usize) -> (BatchNorm2d<Ad>, Tensor<Ad, 1>) {
+        let dev = Default::default();
+        let mut bn = BatchNorm2d::<Ad>::new(3, &dev);
+        bn.weight = Param::from_tensor(Tensor::from_floats([1.0 + r as f32, 2.0, 3.0], &dev));
+        let x = Tensor::<Ad, 4>::from_data(
+            TensorData::new(
+                (0..24)
+                    .map(|i| (i * (r + 1)) as f32 * 0.1)
+                    .collect::<Vec<_>>(),
+                [2, 3, 2, 2],
+            ),
+            &dev,
+        );
+        let y = bn.forward(x, BnMode::Train).sum();
+        (bn, y.reshape([1]))
+    }
+
+    #[test]
+    fn broadcast_makes_replicas_identical_and_keeps_trainability() {
+        let out = on_two_ranks(|mut c| {
+            let (bn, _) = bn_for_rank(c.rank());
+            let bn = broadcast_from_main(bn, &mut c).unwrap();
+            assert!(bn.weight.val().is_require_grad());
+            (
+                floats(bn.weight.val()),
+                floats(bn.running_mean.value()),
+                floats(bn.running_var.value()),
+            )
+        });
+        assert_eq!(out[0], out[1]);
+        assert_eq!(out[0].0, vec![1.0, 2.0, 3.0], "rank 0's weights win");
+        assert_ne!(
+            out[0].1,
+            vec![0.0; 3],
+            "running stats are broadcast after the update"
+        );
+    }
+
+    #[test]
+    fn running_stats_are_averaged_and_weights_left_alone() {
+        let out = on_two_ranks(|mut c| {
+            let (bn, _) = bn_for_rank(c.rank());
+            let before = floats(bn.running_mean.value());
+            let bn = average_running_stats(bn, &mut c).unwrap();
+            (
+                before,
+                floats(bn.running_mean.value()),
+                floats(bn.weight.val()),
+            )
+        });
+        let expect: Vec<f32> = out[0]
+            .0
+            .iter()
+            .zip(&out[1].0)
+            .map(|(a, b)| (a + b) / 2.0)
+            .collect();
+        for (i, o) in out.iter().enumerate() {
+            assert_eq!(o.1, expect);
+            assert_eq!(o.2[0], 1.0 + i as f32, "weights are not averaged");
+        }
+    }
+
+    #[test]
+    fn gradients_are_averaged_and_extras_summed() {
+        let out = on_two_ranks(|mut c| {
+            let (bn, y) = bn_for_rank(c.rank());
+            let loss = y.mul_scalar(c.rank() as f32 + 1.0);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &bn);
+            let own: Vec<f32> = floats(grads.get::<Flex, 1>(bn.bias.id).unwrap());
+            let mut extra = [c.rank() as f32 + 1.0];
+            all_reduce_grads(&bn, &mut grads, &mut extra, &mut c).unwrap();
+            (
+                own,
+                floats(grads.get::<Flex, 1>(bn.bias.id).unwrap()),
+                extra[0],
+            )
+        });
+        for o in &out {
+            let mean: Vec<f32> = out[0]
+                .0
+                .iter()
+                .zip(&out[1].0)
+                .map(|(a, b)| (a + b) / 2.0)
+                .collect();
+            assert_eq!(o.1, mean);
+            assert_eq!(o.2, 3.0);
+        }
+        assert_ne!(out[0].0, out[1].0, "the ranks' own gradients differ");
+    }
+}
