@@ -447,6 +447,9 @@ fn run(cli: &Cli) -> Result<i32> {
             spawn::run(&launch, &stop)
         }
         Role::Mpi { hostfile, np } => {
+            if !kd_engine::dist::MPI_AVAILABLE {
+                bail!("--hostfile: {}", kd_engine::dist::MPI_MISSING);
+            }
             if let Some(a) = cli.command.config_args() {
                 load(a, None)?;
             }

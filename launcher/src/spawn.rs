@@ -208,16 +208,16 @@ fn describe_devices(devices: &[Option<usize>]) -> String {
 
 fn supervise(workers: &mut [Worker], interrupted: &AtomicBool) -> Result<i32> {
     let mut forwarded = false;
-    let mut failure: Option<(usize, ExitStatus, Instant)> = None;
+    let mut failure: Option<Instant> = None;
     loop {
         for w in workers.iter_mut().filter(|w| w.status.is_none()) {
             if let Some(st) = w.child.try_wait()? {
                 w.status = Some(st);
                 let ok = st.success() || (forwarded && st.code() == Some(130));
                 if !ok && failure.is_none() {
-                    failure = Some((w.rank, st, Instant::now()));
+                    failure = Some(Instant::now());
                     eprintln!(
-                        "kd-launch: rank {} failed ({}); stopping the other workers",
+                        "kd-launch: rank {} exited with {}; stopping the other workers",
                         w.rank,
                         describe(st)
                     );
@@ -234,7 +234,7 @@ fn supervise(workers: &mut [Worker], interrupted: &AtomicBool) -> Result<i32> {
                 signal_group(w.child.id(), libc::SIGINT);
             }
         }
-        if let Some((_, _, at)) = failure {
+        if let Some(at) = failure {
             if at.elapsed() > FAILURE_GRACE {
                 for w in workers.iter().filter(|w| w.status.is_none()) {
                     signal_group(w.child.id(), libc::SIGKILL);
@@ -250,12 +250,44 @@ fn supervise(workers: &mut [Worker], interrupted: &AtomicBool) -> Result<i32> {
         // Anything the worker left in its group (it has none today) goes too.
         signal_group(w.child.id(), libc::SIGKILL);
     }
-    if let Some((rank, st, _)) = failure {
-        let w = &workers[rank];
-        let tail: Vec<String> = w.tail.lock().unwrap().iter().cloned().collect();
+    if failure.is_some() {
+        // Report the cause, not a consequence: when one worker dies, the others fail in their
+        // next collective ("lost rank N"), possibly noticed in the same poll.
+        let failed: Vec<&Worker> = workers
+            .iter()
+            .filter(|w| {
+                w.status
+                    .is_some_and(|s| !s.success() && !(forwarded && s.code() == Some(130)))
+            })
+            .collect();
+        let consequence = |w: &Worker| {
+            w.tail
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("lost rank"))
+        };
+        let cause = failed
+            .iter()
+            .find(|w| w.status.is_some_and(|s| s.signal().is_some()))
+            .or_else(|| failed.iter().find(|w| !consequence(w)))
+            .or(failed.first())
+            .expect("a failure was recorded");
+        let tail: Vec<String> = cause.tail.lock().unwrap().iter().cloned().collect();
+        let others: Vec<String> = failed
+            .iter()
+            .filter(|w| w.rank != cause.rank)
+            .map(|w| format!("rank {} ({})", w.rank, describe(w.status.expect("exited"))))
+            .collect();
         bail!(
-            "rank {rank} failed with {}; its last lines:\n  {}",
-            describe(st),
+            "rank {} failed with {}{}; its last lines:\n  {}",
+            cause.rank,
+            describe(cause.status.expect("exited")),
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!(" (then {})", others.join(", "))
+            },
             if tail.is_empty() {
                 "(no output)".to_string()
             } else {

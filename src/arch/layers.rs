@@ -377,10 +377,25 @@ mod tests {
             let got = y.clone().select(0, idx);
             let diff: f32 = (ys - got).abs().max().into_scalar();
             assert!(diff < 1e-5, "split {s}: {diff}");
-            running.push(part.running_var.value().into_data().to_vec::<f32>().unwrap());
+            running.push(
+                part.running_var
+                    .value()
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap(),
+            );
         }
-        let mean: Vec<f32> = running[0].iter().zip(&running[1]).map(|(a, b)| (a + b) / 2.0).collect();
-        let got = whole.running_var.value().into_data().to_vec::<f32>().unwrap();
+        let mean: Vec<f32> = running[0]
+            .iter()
+            .zip(&running[1])
+            .map(|(a, b)| (a + b) / 2.0)
+            .collect();
+        let got = whole
+            .running_var
+            .value()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         for (a, b) in mean.iter().zip(&got) {
             assert!((a - b).abs() < 1e-5, "{mean:?} vs {got:?}");
         }

@@ -44,6 +44,7 @@ pub struct EvalReport {
     /// Top-1 of the first eval metric (the one `best_model` follows).
     pub top1: f64,
     pub averages: Averages,
+    /// Samples evaluated, over all ranks.
     pub samples: usize,
 }
 
@@ -104,6 +105,11 @@ pub fn evaluate<B: AutodiffBackend>(
         i += 1;
     }
     let avg = reduce(avg, collective)?;
+    if collective.world_size() > 1 {
+        let mut n = [samples as f32]; // exact below 2^24 samples
+        collective.all_reduce_sum(&mut n)?;
+        samples = n[0] as usize;
+    }
     if collective.is_main() {
         tracing::info!("[Eval][Epoch {epoch}][Avg]{}", avg.format(5));
     }

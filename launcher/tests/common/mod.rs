@@ -1,0 +1,126 @@
+//! Helpers shared by the end-to-end tests: a generated image dataset, config sections, and
+//! running the real binary.
+#![allow(dead_code)] // each test file uses a subset
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kd-launch");
+
+/// A small, learnable dataset: class k images are noisy horizontal bands at row band k.
+pub fn make_dataset(root: &Path, per_class: usize, classes: usize) {
+    let mut seed = 12345u64;
+    let mut rnd = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    for (split, n) in [("train", per_class), ("val", per_class / 2)] {
+        std::fs::create_dir_all(root.join(split)).unwrap();
+        let mut list = String::new();
+        for k in 0..classes {
+            for i in 0..n {
+                let img = image::RgbImage::from_fn(20, 18, |_, y| {
+                    let on = (y as usize * classes / 18) == k;
+                    let v = if on { 200 } else { 40 } + (rnd() % 40) as u8;
+                    image::Rgb([v, v / 2, 255 - v])
+                });
+                let rel = format!("{split}/{k}_{i}.png");
+                img.save(root.join(&rel)).unwrap();
+                list.push_str(&format!("{rel} {k}\n"));
+            }
+        }
+        std::fs::write(root.join(format!("{split}_list.txt")), list).unwrap();
+    }
+    std::fs::write(
+        root.join("labels.txt"),
+        (0..classes)
+            .map(|k| format!("{k} band{k}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+}
+
+pub fn data_section(root: &Path) -> String {
+    let r = root.display();
+    format!(
+        r#"
+DataLoader:
+  Train:
+    dataset:
+      name: ImageNetDataset
+      image_root: {r}
+      cls_label_path: {r}/train_list.txt
+      transform_ops:
+        - DecodeImage: {{to_rgb: True}}
+        - RandCropImage: {{size: 16, scale: [0.6, 1.0]}}
+        - RandFlipImage: {{flip_code: 1}}
+        - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], order: ''}}
+    sampler: {{name: DistributedBatchSampler, batch_size: 8, drop_last: False, shuffle: True}}
+    loader: {{num_workers: 2}}
+  Eval:
+    dataset:
+      name: ImageNetDataset
+      image_root: {r}
+      cls_label_path: {r}/val_list.txt
+      transform_ops:
+        - DecodeImage: {{to_rgb: True}}
+        - ResizeImage: {{resize_short: 18}}
+        - CropImage: {{size: 16}}
+        - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], order: ''}}
+    sampler: {{name: DistributedBatchSampler, batch_size: 8, drop_last: False, shuffle: False}}
+Infer:
+  infer_imgs: {r}/val
+  batch_size: 4
+  transforms:
+    - DecodeImage: {{to_rgb: True}}
+    - ResizeImage: {{resize_short: 18}}
+    - CropImage: {{size: 16}}
+    - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], order: ''}}
+    - ToCHWImage:
+  PostProcess: {{name: Topk, topk: 2, class_id_map_file: {r}/labels.txt}}
+Optimizer:
+  name: Momentum
+  momentum: 0.9
+  weight_decay: 1e-4
+  lr: {{name: MultiStepDecay, learning_rate: 0.05, milestones: [1], gamma: 0.5}}
+"#
+    )
+}
+
+pub fn global(out: &Path, epochs: usize) -> String {
+    format!(
+        "Global:\n  output_dir: {o}\n  device: cpu\n  seed: 7\n  epochs: {epochs}\n  eval_interval: 1\n  save_interval: 1\n  print_batch_step: 2\n  image_shape: [3, 16, 16]\n  save_inference_dir: {o}/inference\n",
+        o = out.display()
+    )
+}
+
+pub fn run(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("KD_THREADS", "2")
+        .output()
+        .expect("kd-launch runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kd-launch {args:?} failed:\n{text}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+pub fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+pub fn infer_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
