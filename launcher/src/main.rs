@@ -479,6 +479,31 @@ fn run_job(
         kd_engine::dist::connect(&rendezvous, gpu.is_some(), local_device)
     };
     let single = rendezvous == Rendezvous::Single;
+    if !single {
+        tracing::info!(
+            "kd-launch worker: rank {rank} ({}) on host {} (pid {}), device {}",
+            rendezvous_kind(&rendezvous),
+            hostname(),
+            std::process::id(),
+            gpu.map_or("cpu".to_string(), |g| format!("gpu {g}"))
+        );
+    }
+    // mpirun ranks share their node's cores unless told otherwise.
+    let threads =
+        cli.threads.or_else(
+            || match (&rendezvous, env_usize("KD_THREADS").ok().flatten()) {
+                (Rendezvous::Mpi, None) => {
+                    let local = env_usize("OMPI_COMM_WORLD_LOCAL_SIZE")
+                        .ok()
+                        .flatten()
+                        .unwrap_or(1)
+                        .max(1);
+                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    Some((cores / local).max(1))
+                }
+                _ => None,
+            },
+        );
     if !single && !cli.command.distributed() && rank != 0 {
         tracing::info!("rank {rank}: this command runs on rank 0 only");
         return Ok(0);
@@ -497,7 +522,7 @@ fn run_job(
         }
         Command::Train(a) => {
             let cfg = load(a, device_override)?;
-            engine::init_cpu_threads(cli.threads);
+            engine::init_cpu_threads(threads);
             let s = engine::run_train(&cfg, opts(collective()?))?;
             let ckpt = s.output_dir.display();
             if s.stopped_early {
@@ -515,7 +540,7 @@ fn run_job(
         }
         Command::Eval(a) => {
             let cfg = load(a, device_override)?;
-            engine::init_cpu_threads(cli.threads);
+            engine::init_cpu_threads(threads);
             let r = engine::run_eval(&cfg, opts(collective()?))?;
             if rank == 0 {
                 println!("eval: {} samples, {}", r.samples, r.averages.format(5));
@@ -536,7 +561,7 @@ fn run_job(
             model,
             images,
         } => {
-            engine::init_cpu_threads(cli.threads);
+            engine::init_cpu_threads(threads);
             let opts = opts(Box::new(kd_engine::dist::SingleProcess));
             let results = match (config, model) {
                 (_, Some(dir)) => {
@@ -594,4 +619,24 @@ fn run_job(
         }
     }
     Ok(0)
+}
+
+fn rendezvous_kind(rv: &Rendezvous) -> &'static str {
+    match rv {
+        Rendezvous::Single => "single",
+        Rendezvous::Tcp { .. } => "tcp",
+        Rendezvous::Mpi => "mpi",
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if ok {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "?".into()
+    }
 }
