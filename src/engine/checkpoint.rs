@@ -24,6 +24,14 @@ pub struct TrainState {
     pub models: Vec<String>,
     pub infer_model_name: String,
     pub arch: String,
+    /// Workers of the run that wrote it: `step_in_epoch` and `global_step` count per-worker
+    /// batches (older checkpoints: 1).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainState {

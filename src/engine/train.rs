@@ -195,8 +195,22 @@ pub fn train<B: AutodiffBackend>(
         arch: cfg.arch.name.clone(),
         ..Default::default()
     };
+    state.world_size = world;
     if let Some(ckpt) = &g.checkpoints {
         state = resume(&mut model, &mut optim, ckpt, &device)?;
+        if state.world_size != world {
+            // Positions count per-worker batches, whose size in samples changed with the world.
+            if state.step_in_epoch > 0 {
+                tracing::warn!(
+                    "{} was written mid-epoch by {} workers; with {world} the interrupted epoch restarts from its beginning",
+                    ckpt.display(),
+                    state.world_size
+                );
+            }
+            state.step_in_epoch = 0;
+            state.global_step = state.epoch * iters;
+            state.world_size = world;
+        }
         tracing::info!(
             "resumed from {}: {} epochs and {} batches done, best top1 {:.5} (epoch {})",
             ckpt.display(),
