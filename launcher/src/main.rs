@@ -152,15 +152,26 @@ fn load(args: &ConfigArgs, device_override: Option<&str>) -> Result<Config> {
     Ok(cfg)
 }
 
+/// The device a job runs on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Device {
+    /// As the config's `Global.device` says.
+    FromConfig,
+    /// The CPU, whatever the config says (`--nproc` workers).
+    Cpu,
+    /// This GPU.
+    Gpu(usize),
+}
+
 /// Where this process's job runs.
 enum Role {
     /// In this process, alone (no devices listed, or one): the debugging mode.
-    Foreground { gpu: Option<usize> },
+    Foreground { device: Device },
     /// One worker of a group (started by a kd-launch launcher, by hand, or by mpirun).
     Worker {
         rendezvous: Rendezvous,
         rank: usize,
-        gpu: Option<usize>,
+        device: Device,
     },
     /// Start one worker process per device and supervise them.
     Launcher { devices: Vec<Option<usize>> },
@@ -197,27 +208,31 @@ fn env_usize(name: &str) -> Result<Option<usize>> {
     }
 }
 
-/// The device of an env-started worker: the launcher's `KD_LAUNCH_DEVICE`, else `--gpus`'s
-/// `LOCAL_RANK`-th id, else the CPU.
-fn worker_gpu(gpus: &[usize], local_rank: usize) -> Result<Option<usize>> {
+/// The device of an env-started worker: the launcher's `KD_LAUNCH_DEVICE` (`cpu` or
+/// `gpu:<id>`), else `--gpus`'s `LOCAL_RANK`-th id, else the config's device.
+fn worker_device(gpus: &[usize], local_rank: usize) -> Result<Device> {
     if let Ok(d) = std::env::var(spawn::DEVICE_VAR) {
         return match d.strip_prefix("gpu:") {
-            Some(id) => Ok(Some(
+            Some(id) => Ok(Device::Gpu(
                 id.parse()
                     .with_context(|| format!("{}={d}", spawn::DEVICE_VAR))?,
             )),
-            None => Ok(None),
+            None if d == "cpu" => Ok(Device::Cpu),
+            None => bail!("{}={d:?}: expected cpu or gpu:<id>", spawn::DEVICE_VAR),
         };
     }
     if gpus.is_empty() {
-        return Ok(None);
+        return Ok(Device::FromConfig);
     }
-    gpus.get(local_rank).copied().map(Some).with_context(|| {
-        format!(
-            "LOCAL_RANK {local_rank}, but --gpus lists only {} GPUs",
-            gpus.len()
-        )
-    })
+    gpus.get(local_rank)
+        .copied()
+        .map(Device::Gpu)
+        .with_context(|| {
+            format!(
+                "LOCAL_RANK {local_rank}, but --gpus lists only {} GPUs",
+                gpus.len()
+            )
+        })
 }
 
 fn role(cli: &Cli) -> Result<Role> {
@@ -231,7 +246,7 @@ fn role(cli: &Cli) -> Result<Role> {
         return Ok(Role::Worker {
             rendezvous: Rendezvous::Mpi,
             rank,
-            gpu: worker_gpu(&gpus, local)?,
+            device: worker_device(&gpus, local)?,
         });
     }
     // torch.distributed's env:// convention: set by our launcher, or by hand to debug one rank.
@@ -254,7 +269,7 @@ fn role(cli: &Cli) -> Result<Role> {
                 Rendezvous::Single
             },
             rank,
-            gpu: worker_gpu(&gpus, env_usize("LOCAL_RANK")?.unwrap_or(rank))?,
+            device: worker_device(&gpus, env_usize("LOCAL_RANK")?.unwrap_or(rank))?,
         });
     }
     if let Some(hostfile) = &cli.hostfile {
@@ -290,7 +305,9 @@ fn role(cli: &Cli) -> Result<Role> {
                 "this command runs once: running it in this process on the first device"
             );
         }
-        Ok(Role::Foreground { gpu: devices[0] })
+        Ok(Role::Foreground {
+            device: devices[0].map_or(Device::FromConfig, Device::Gpu),
+        })
     }
 }
 
@@ -422,12 +439,12 @@ fn run(cli: &Cli) -> Result<i32> {
     engine::keep_freed_memory();
     let stop = install_signals()?;
     match role(cli)? {
-        Role::Foreground { gpu } => run_job(cli, Rendezvous::Single, 0, gpu, stop),
+        Role::Foreground { device } => run_job(cli, Rendezvous::Single, 0, device, stop),
         Role::Worker {
             rendezvous,
             rank,
-            gpu,
-        } => run_job(cli, rendezvous, rank, gpu, stop),
+            device,
+        } => run_job(cli, rendezvous, rank, device, stop),
         Role::Launcher { devices } => {
             if let Some(a) = cli.command.config_args() {
                 load(a, None)?; // a bad config fails here, once, not in every worker
@@ -470,13 +487,20 @@ fn run_job(
     cli: &Cli,
     rendezvous: Rendezvous,
     rank: usize,
-    gpu: Option<usize>,
+    device: Device,
     stop: Arc<AtomicBool>,
 ) -> Result<i32> {
-    let device_override = gpu.map(|_| "gpu");
-    let local_device = gpu.unwrap_or(0);
-    let collective = || -> Result<Box<dyn kd_engine::dist::Collective>> {
-        kd_engine::dist::connect(&rendezvous, gpu.is_some(), local_device)
+    let (device_override, local_device) = match device {
+        Device::FromConfig => (None, 0),
+        Device::Cpu => (Some("cpu"), 0),
+        Device::Gpu(id) => (Some("gpu"), id),
+    };
+    let collective = |cfg: &Config| -> Result<Box<dyn kd_engine::dist::Collective>> {
+        // NCCL refuses two ranks on one GPU; KD_GPU_COLLECTIVE=host sends GPU workers'
+        // gradients over the rendezvous connections instead (e.g. to test on one GPU).
+        let nccl = cfg.global.device == kd_engine::config::DeviceKind::Gpu
+            && std::env::var("KD_GPU_COLLECTIVE").as_deref() != Ok("host");
+        kd_engine::dist::connect(&rendezvous, nccl, local_device)
     };
     let single = rendezvous == Rendezvous::Single;
     if !single {
@@ -485,7 +509,11 @@ fn run_job(
             rendezvous_kind(&rendezvous),
             hostname(),
             std::process::id(),
-            gpu.map_or("cpu".to_string(), |g| format!("gpu {g}"))
+            match device {
+                Device::FromConfig => "from the config".to_string(),
+                Device::Cpu => "cpu".to_string(),
+                Device::Gpu(g) => format!("gpu {g}"),
+            }
         );
     }
     // mpirun ranks share their node's cores unless told otherwise.
@@ -523,7 +551,7 @@ fn run_job(
         Command::Train(a) => {
             let cfg = load(a, device_override)?;
             engine::init_cpu_threads(threads);
-            let s = engine::run_train(&cfg, opts(collective()?))?;
+            let s = engine::run_train(&cfg, opts(collective(&cfg)?))?;
             let ckpt = s.output_dir.display();
             if s.stopped_early {
                 if rank == 0 {
@@ -541,7 +569,7 @@ fn run_job(
         Command::Eval(a) => {
             let cfg = load(a, device_override)?;
             engine::init_cpu_threads(threads);
-            let r = engine::run_eval(&cfg, opts(collective()?))?;
+            let r = engine::run_eval(&cfg, opts(collective(&cfg)?))?;
             if rank == 0 {
                 println!("eval: {} samples, {}", r.samples, r.averages.format(5));
             }
@@ -565,7 +593,7 @@ fn run_job(
             let opts = opts(Box::new(kd_engine::dist::SingleProcess));
             let results = match (config, model) {
                 (_, Some(dir)) => {
-                    if gpu.is_some() {
+                    if matches!(device, Device::Gpu(_)) {
                         bail!("infer --model runs on the CPU in this version; omit --gpus");
                     }
                     engine::run_infer(InferSource::Export(dir), images.as_deref(), opts)?

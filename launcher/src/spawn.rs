@@ -43,6 +43,8 @@ struct Worker {
     tail: Arc<Mutex<VecDeque<String>>>,
     status: Option<ExitStatus>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// Killed by the launcher (after another worker failed): never the cause.
+    killed: bool,
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -63,6 +65,8 @@ fn free_port() -> Result<u16> {
 }
 
 /// Copies one worker stream line by line to its log file, its tail and (maybe) the console.
+/// It reads to the end whatever happens (bytes that are not UTF-8, a closed console), so a
+/// worker never blocks on a full pipe.
 fn route(
     stream: impl std::io::Read + Send + 'static,
     rank: usize,
@@ -72,24 +76,33 @@ fn route(
     is_stderr: bool,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
+        let mut reader = BufReader::new(stream);
+        let mut raw = vec![];
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&raw);
+            let line = line.trim_end_matches(['\n', '\r']);
             let _ = writeln!(log.lock().unwrap(), "{line}");
             {
                 let mut t = tail.lock().unwrap();
                 if t.len() == TAIL_LINES {
                     t.pop_front();
                 }
-                t.push_back(line.clone());
+                t.push_back(line.to_string());
             }
             let important =
                 line.contains("ERROR") || line.contains("WARN") || line.starts_with("error");
             if to_console || important {
-                if is_stderr {
-                    eprintln!("[rank{rank}] {line}");
+                // A closed console (`kd-launch ... | head`) must not stop the draining.
+                let _ = if is_stderr {
+                    writeln!(std::io::stderr().lock(), "[rank{rank}] {line}")
                 } else {
-                    println!("[rank{rank}] {line}");
-                }
+                    writeln!(std::io::stdout().lock(), "[rank{rank}] {line}")
+                };
             }
         }
     })
@@ -138,15 +151,16 @@ pub fn run(launch: &Launch, interrupted: &AtomicBool) -> Result<i32> {
         if let Some(t) = launch.threads_per_worker {
             cmd.env("KD_THREADS", t.to_string());
         }
+        let launcher_pid = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // Own process group: the terminal's Ctrl-C reaches the launcher only, which
                 // forwards it once (a worker seeing two interrupts would exit without saving).
                 libc::setpgid(0, 0);
                 // Killed with the launcher, however the launcher dies.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                if libc::getppid() == 1 {
+                if libc::getppid() != launcher_pid {
                     libc::_exit(1); // the launcher died before prctl took effect
                 }
                 Ok(())
@@ -189,6 +203,7 @@ pub fn run(launch: &Launch, interrupted: &AtomicBool) -> Result<i32> {
             tail,
             status: None,
             readers,
+            killed: false,
         });
     }
     supervise(&mut workers, interrupted)
@@ -209,11 +224,16 @@ fn describe_devices(devices: &[Option<usize>]) -> String {
 fn supervise(workers: &mut [Worker], interrupted: &AtomicBool) -> Result<i32> {
     let mut forwarded = false;
     let mut failure: Option<Instant> = None;
+    // Failed ranks in the order they were noticed.
+    let mut failed: Vec<usize> = vec![];
     loop {
         for w in workers.iter_mut().filter(|w| w.status.is_none()) {
             if let Some(st) = w.child.try_wait()? {
                 w.status = Some(st);
                 let ok = st.success() || (forwarded && st.code() == Some(130));
+                if !ok && !w.killed {
+                    failed.push(w.rank);
+                }
                 if !ok && failure.is_none() {
                     failure = Some(Instant::now());
                     eprintln!(
@@ -236,7 +256,8 @@ fn supervise(workers: &mut [Worker], interrupted: &AtomicBool) -> Result<i32> {
         }
         if let Some(at) = failure {
             if at.elapsed() > FAILURE_GRACE {
-                for w in workers.iter().filter(|w| w.status.is_none()) {
+                for w in workers.iter_mut().filter(|w| w.status.is_none()) {
+                    w.killed = true;
                     signal_group(w.child.id(), libc::SIGKILL);
                 }
             }
@@ -244,22 +265,16 @@ fn supervise(workers: &mut [Worker], interrupted: &AtomicBool) -> Result<i32> {
         std::thread::sleep(Duration::from_millis(50));
     }
     for w in workers.iter_mut() {
+        // Anything the worker left in its group goes too (first: it may hold the pipes open).
+        signal_group(w.child.id(), libc::SIGKILL);
         for r in w.readers.drain(..) {
             let _ = r.join();
         }
-        // Anything the worker left in its group (it has none today) goes too.
-        signal_group(w.child.id(), libc::SIGKILL);
     }
     if failure.is_some() {
         // Report the cause, not a consequence: when one worker dies, the others fail in their
         // next collective ("lost rank N"), possibly noticed in the same poll.
-        let failed: Vec<&Worker> = workers
-            .iter()
-            .filter(|w| {
-                w.status
-                    .is_some_and(|s| !s.success() && !(forwarded && s.code() == Some(130)))
-            })
-            .collect();
+        let failed: Vec<&Worker> = failed.iter().map(|&r| &workers[r]).collect();
         let consequence = |w: &Worker| {
             w.tail
                 .lock()
@@ -269,8 +284,7 @@ fn supervise(workers: &mut [Worker], interrupted: &AtomicBool) -> Result<i32> {
         };
         let cause = failed
             .iter()
-            .find(|w| w.status.is_some_and(|s| s.signal().is_some()))
-            .or_else(|| failed.iter().find(|w| !consequence(w)))
+            .find(|w| !consequence(w))
             .or(failed.first())
             .expect("a failure was recorded");
         let tail: Vec<String> = cause.tail.lock().unwrap().iter().cloned().collect();

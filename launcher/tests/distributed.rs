@@ -235,6 +235,34 @@ fn eval_metrics_are_the_same_on_one_and_two_ranks() {
             assert!((v - m2[k]).abs() < 1e-4, "{k}: {single} vs {two}");
         }
     }
+
+    // Fewer samples than ranks: rank 1's shard is empty, and it still takes part.
+    write(&data.join("val_one.txt"), &format!("{}\n", lines[0]));
+    let one_args: Vec<String> = args(&["--nproc", "2"])
+        .into_iter()
+        .map(|a| a.replace("val_odd.txt", "val_one.txt"))
+        .collect();
+    let (code, out, err) = run_status(&one_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(eval_line(&out).0, 1, "{out}");
+}
+
+/// `--nproc` starts CPU workers even when the config names a GPU (as PaddleClas's do).
+#[test]
+fn nproc_workers_run_on_the_cpu_whatever_the_config_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = dir.join("data");
+    make_dataset(&data, 4, 3);
+    let cfg = kd_config(dir, "c.yaml", &data, &dir.join("out"), 1, 4, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("device: cpu", "device: gpu");
+    let cfg = write(&cfg, &text);
+    let (code, out, err) = run_status(&["--nproc", "2", "train", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let log = std::fs::read_to_string(dir.join("out/workerlog.1")).unwrap();
+    assert!(log.contains("device cpu"), "{log}");
 }
 
 /// The pids of `parent`'s children, with their `RANK`.

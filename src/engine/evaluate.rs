@@ -121,19 +121,40 @@ pub fn evaluate<B: AutodiffBackend>(
     })
 }
 
-/// Sums every average's `(sum, count)` across ranks so all print the global value.
+/// Sums every average's `(sum, count)` across ranks so all print the global value. The names
+/// come from rank 0, which always holds samples (it is dealt sample 0); a rank whose shard is
+/// empty contributes zeros, so every rank makes the same calls with the same lengths.
 fn reduce(avg: Averages, collective: &mut dyn Collective) -> Result<Averages> {
     if collective.world_size() == 1 {
         return Ok(avg);
     }
     let raw = avg.raw();
-    let mut buf: Vec<f32> = raw
+    let mut names: Vec<u8> = raw
         .iter()
-        .flat_map(|(_, s, n)| [*s as f32, *n as f32])
+        .map(|(n, _, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes();
+    let mut len = [names.len() as f32];
+    collective.broadcast(&mut len, 0)?;
+    names.resize(len[0] as usize, 0);
+    collective.broadcast_bytes(&mut names, 0)?;
+    let names: Vec<String> = String::from_utf8_lossy(&names)
+        .split('\n')
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    let mut buf: Vec<f32> = names
+        .iter()
+        .flat_map(|name| {
+            raw.iter()
+                .find(|(n, _, _)| n == name)
+                .map_or([0.0, 0.0], |(_, s, c)| [*s as f32, *c as f32])
+        })
         .collect();
     collective.all_reduce_sum(&mut buf)?;
     let mut out = Averages::default();
-    for ((name, _, _), pair) in raw.iter().zip(buf.chunks(2)) {
+    for (name, pair) in names.iter().zip(buf.chunks(2)) {
         if pair[1] > 0.0 {
             out.add(name, pair[0] as f64 / pair[1] as f64, pair[1] as usize);
         }

@@ -271,19 +271,27 @@ pub fn train<B: AutodiffBackend>(
             add_topk(&mut avg, &outputs, &y, &train_metrics)?;
             let total = values.record(&mut avg, n);
             step_losses.push(total);
-            if !total.is_finite() {
-                bail!("loss is {total} at epoch {epoch}, iteration {i}: training diverged (lower the learning rate?)");
-            }
             let mut grads = GradientsParams::from_grads(values.total.backward(), &model.trainable);
-            // The stop request travels with the gradients, so every rank stops after the same step.
-            let mut stop_votes = [opts.stop.load(Ordering::SeqCst) as u8 as f32];
+            // The stop request and a diverged loss travel with the gradients, so every rank
+            // stops, or fails, after the same step.
+            let mut votes = [
+                opts.stop.load(Ordering::SeqCst) as u8 as f32,
+                !total.is_finite() as u8 as f32,
+            ];
             let sync = replicas::all_reduce_grads(
                 &model.trainable,
                 &mut grads,
-                &mut stop_votes,
+                &mut votes,
                 opts.collective.as_mut(),
             )?;
-            let stop_now = stop_votes[0] > 0.0;
+            if votes[1] > 0.0 {
+                bail!(
+                    "loss is not finite at epoch {epoch}, iteration {i} (here {total}; on {} of {world} ranks): \
+                     training diverged (lower the learning rate?)",
+                    votes[1]
+                );
+            }
+            let stop_now = votes[0] > 0.0;
             let lr = schedule.at(state.global_step, epoch - 1);
             model.trainable = optim.step(lr, model.trainable, grads);
             state.global_step += 1;
@@ -325,8 +333,7 @@ pub fn train<B: AutodiffBackend>(
                     state.epoch = epoch - 1;
                     state.step_in_epoch = i;
                     drop(it);
-                    model.trainable =
-                        replicas::average_running_stats(model.trainable, opts.collective.as_mut())?;
+                    sync_running_stats(&mut model, opts.collective.as_mut())?;
                     if main {
                         save(
                             &model,
@@ -349,8 +356,7 @@ pub fn train<B: AutodiffBackend>(
         drop(it);
         state.epoch = epoch;
         // Eval and checkpoints read the running statistics: make them the replicas' mean.
-        model.trainable =
-            replicas::average_running_stats(model.trainable, opts.collective.as_mut())?;
+        sync_running_stats(&mut model, opts.collective.as_mut())?;
         if main {
             tracing::info!("[Train][Epoch {epoch}/{}][Avg]{}", g.epochs, avg.format(5));
         }
@@ -391,6 +397,9 @@ pub fn train<B: AutodiffBackend>(
             }
         }
         opts.collective.barrier()?;
+        if stopped && epoch == g.epochs {
+            stopped = false; // the request came with the last step: the run is complete
+        }
         if stopped {
             tracing::info!(
                 "stopped on request after epoch {epoch}; resumable checkpoint saved in {}/latest",
@@ -408,6 +417,29 @@ pub fn train<B: AutodiffBackend>(
         stopped_early: stopped,
         step_losses,
     })
+}
+
+/// Averages BatchNorm running statistics over the replicas: the trainable models', and the
+/// frozen ones' when they run on batch statistics (`frozen_bn_uses_batch_stats`).
+fn sync_running_stats<B: AutodiffBackend>(
+    model: &mut DistillationModel<B>,
+    coll: &mut dyn crate::dist::Collective,
+) -> Result<()> {
+    if coll.world_size() == 1 {
+        return Ok(());
+    }
+    let trainable = std::mem::replace(
+        &mut model.trainable,
+        TrainableSet {
+            models: vec![],
+            loss_parts: vec![],
+        },
+    );
+    model.trainable = replicas::average_running_stats(trainable, coll)?;
+    if model.frozen_bn.is_train() {
+        model.frozen = replicas::average_running_stats(std::mem::take(&mut model.frozen), coll)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn check_labels(ds: &ImageNetDataset, cfg: &Config, list: &Path) -> Result<()> {
