@@ -446,6 +446,12 @@ fn run(cli: &Cli) -> Result<i32> {
             device,
         } => run_job(cli, rendezvous, rank, device, stop),
         Role::Launcher { devices } => {
+            if devices.iter().any(Option::is_some) && !cfg!(feature = "cuda") {
+                bail!(
+                    "--gpus: this kd-launch was built without GPU support: rebuild with \
+                     `cargo build --release --features cuda` (or use --nproc N for CPU workers)"
+                );
+            }
             if let Some(a) = cli.command.config_args() {
                 load(a, None)?; // a bad config fails here, once, not in every worker
             }

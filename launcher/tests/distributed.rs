@@ -473,6 +473,11 @@ fn bad_launch_arguments_are_refused() {
         assert_eq!(code, Some(1), "{args:?}: {out}{err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    if !cfg!(feature = "cuda") {
+        let (code, _, err) = run_status(&["--gpus", "0,1", "train", "-c", "x.yaml"]);
+        assert_eq!(code, Some(1));
+        assert!(err.contains("--features cuda") && err.contains("--nproc"), "{err}");
+    }
     if !cfg!(feature = "mpi") {
         // The default build says what to install.
         let tmp = tempfile::tempdir().unwrap();
