@@ -142,6 +142,7 @@ fn two_workers_match_one_worker_with_twice_the_batch() {
         !stdout.contains("[rank1]") && !stderr.contains("[rank1]"),
         "rank 1 stays in its log"
     );
+    let mut fingerprints = vec![];
     for r in 0..2 {
         let log = std::fs::read_to_string(dir.join(format!("two/workerlog.{r}"))).unwrap();
         assert!(
@@ -149,7 +150,18 @@ fn two_workers_match_one_worker_with_twice_the_batch() {
             "{log}"
         );
         assert!(log.contains("[Train][Epoch 2/2]"), "{log}");
+        // Each rank checks its replica against rank 0's after every epoch, and logs the result.
+        let fp = log
+            .lines()
+            .find_map(|l| {
+                l.split("[Train][Epoch 2] replicas identical on 2 ranks (fingerprint ")
+                    .nth(1)
+            })
+            .unwrap_or_else(|| panic!("no replica check in rank {r}'s log:\n{log}"))
+            .to_string();
+        fingerprints.push(fp);
     }
+    assert_eq!(fingerprints[0], fingerprints[1]);
     run(&["train", "-c", plain.to_str().unwrap()]);
 
     let ckpt = |o: &str| dir.join(o).join("DistillationModel/latest");
@@ -476,7 +488,10 @@ fn bad_launch_arguments_are_refused() {
     if !cfg!(feature = "cuda") {
         let (code, _, err) = run_status(&["--gpus", "0,1", "train", "-c", "x.yaml"]);
         assert_eq!(code, Some(1));
-        assert!(err.contains("--features cuda") && err.contains("--nproc"), "{err}");
+        assert!(
+            err.contains("--features cuda") && err.contains("--nproc"),
+            "{err}"
+        );
     }
     if !cfg!(feature = "mpi") {
         // The default build says what to install.

@@ -259,6 +259,45 @@ pub fn average_running_stats<B: Backend, M: Module<B>>(
     })
 }
 
+/// A 64-bit FNV-1a hash of every float of `module` (parameters and buffers), bit for bit.
+pub fn fingerprint<B: Backend, M: Module<B>>(module: &M) -> u64 {
+    let mut gather = Gather {
+        flat: vec![],
+        path: vec![],
+        only: None,
+    };
+    module.visit(&mut gather);
+    gather.flat.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+        v.to_bits().to_le_bytes().iter().fold(h, |h, b| {
+            (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    })
+}
+
+/// Fails unless `module` is bit for bit the same on every rank as on rank 0; returns its
+/// fingerprint. Replicas that drift apart would train silently wrong, so this runs after
+/// every epoch.
+pub fn check_identical<B: Backend, M: Module<B>>(
+    module: &M,
+    coll: &mut dyn Collective,
+) -> Result<u64> {
+    let mine = fingerprint(module);
+    if coll.world_size() == 1 {
+        return Ok(mine);
+    }
+    let mut main = mine.to_le_bytes();
+    coll.broadcast_bytes(&mut main, 0)?;
+    let main = u64::from_le_bytes(main);
+    if main != mine {
+        anyhow::bail!(
+            "rank {}: the model replica differs from rank 0's (fingerprint {mine:016x} vs {main:016x}): \
+             the ranks' collectives disagree",
+            coll.rank()
+        );
+    }
+    Ok(mine)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +392,28 @@ mod tests {
             assert_eq!(o.1, expect);
             assert_eq!(o.2[0], 1.0 + i as f32, "weights are not averaged");
         }
+    }
+
+    #[test]
+    fn differing_replicas_are_detected() {
+        let out = on_two_ranks(|mut c| {
+            let (bn, _) = bn_for_rank(c.rank());
+            let differing = check_identical(&bn, &mut c).map_err(|e| e.to_string());
+            let bn = broadcast_from_main(bn, &mut c).unwrap();
+            let same = check_identical(&bn, &mut c).unwrap();
+            (differing, same)
+        });
+        assert!(out[0].0.is_ok());
+        assert!(
+            out[1]
+                .0
+                .as_ref()
+                .unwrap_err()
+                .contains("differs from rank 0"),
+            "{:?}",
+            out[1].0
+        );
+        assert_eq!(out[0].1, out[1].1);
     }
 
     #[test]

@@ -357,6 +357,10 @@ pub fn train<B: AutodiffBackend>(
         state.epoch = epoch;
         // Eval and checkpoints read the running statistics: make them the replicas' mean.
         sync_running_stats(&mut model, opts.collective.as_mut())?;
+        if world > 1 {
+            let fp = replicas::check_identical(&model.trainable, opts.collective.as_mut())?;
+            tracing::info!("[Train][Epoch {epoch}] replicas identical on {world} ranks (fingerprint {fp:016x})");
+        }
         if main {
             tracing::info!("[Train][Epoch {epoch}/{}][Avg]{}", g.epochs, avg.format(5));
         }
