@@ -307,8 +307,12 @@ fn workers_of(parent: u32) -> Vec<(u32, usize)> {
     out
 }
 
+/// Whether `pid` still runs (a zombie awaiting its reaper counts as gone).
 fn alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => !stat[stat.rfind(')').unwrap() + 2..].starts_with('Z'),
+    }
 }
 
 /// Starts `--nproc 2 train` and returns it once rank 0 logs `marker`, with the workers' pids.
@@ -391,6 +395,59 @@ fn a_killed_worker_stops_the_launch() {
     assert!(text.contains("rank 1 failed with signal 9"), "{text}");
     for (pid, rank) in workers {
         assert!(!alive(pid), "rank {rank} (pid {pid}) outlived the launcher");
+    }
+}
+
+/// A worker that fails with an error (here rank 1, the only one dealt a corrupt image) stops
+/// the launch; the report names rank 1 and shows its error, not rank 0's lost connection.
+#[test]
+fn a_failing_worker_is_named_with_its_last_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = dir.join("data");
+    make_dataset(&data, 8, 3);
+    // Unshuffled, sample 1 of the list goes to rank 1.
+    write(&data.join("train/0_1.png"), "not a png");
+    let cfg = kd_config(dir, "c.yaml", &data, &dir.join("out"), 1, 4, "");
+    let text =
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replacen("shuffle: True", "shuffle: False", 1);
+    let cfg = write(&cfg, &text);
+    let (code, out, err) = run_status(&["--nproc", "2", "train", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let report = err
+        .lines()
+        .skip_while(|l| !l.starts_with("error: rank"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        report.starts_with("error: rank 1 failed with exit status 1"),
+        "{err}"
+    );
+    assert!(
+        report.contains("0_1.png"),
+        "the cause's last lines: {report}"
+    );
+}
+
+/// `kill -9` of the launcher itself takes its workers with it (parent-death signal).
+#[test]
+fn workers_die_with_a_killed_launcher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = dir.join("data");
+    make_dataset(&data, 32, 3);
+    let cfg = kd_config(dir, "c.yaml", &data, &dir.join("out"), 50, 4, "");
+    let (mut child, workers, _rx) = start_two_workers(&cfg, "[Train][Epoch 1/50][Iter: 2/");
+    unsafe { kill(child.id() as i32, 9) };
+    child.wait().unwrap();
+    let t0 = Instant::now();
+    while workers.iter().any(|(pid, _)| alive(*pid)) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (pid, rank) in workers {
+        assert!(!alive(pid), "rank {rank} (pid {pid}) outlived its launcher");
     }
 }
 
