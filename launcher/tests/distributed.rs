@@ -4,65 +4,13 @@
 
 mod common;
 
-use common::{data_section, global, make_dataset, run, write, BIN};
+use common::{kd_config, make_dataset, run, student_weights, write, BIN};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A KD config (random frozen teacher, resnet8 student) with per-worker batch `batch`.
-fn kd_config(
-    dir: &Path,
-    name: &str,
-    data: &Path,
-    out: &Path,
-    epochs: usize,
-    batch: usize,
-    extra_global: &str,
-) -> PathBuf {
-    let d = data_section(data)
-        .replacen(
-            "batch_size: 8, drop_last: False, shuffle: True",
-            &format!("batch_size: {batch}, drop_last: False, shuffle: True"),
-            1,
-        )
-        // A gentler rate than the other tests': see `two_workers_match_one_worker_with_twice_the_batch`.
-        .replace("learning_rate: 0.05", "learning_rate: 0.01");
-    write(
-        &dir.join(name),
-        &format!(
-            "{}{extra_global}Arch:\n  name: DistillationModel\n  class_num: 3\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {{name: resnet8}}\n    - Student: {{name: resnet8}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n  Eval:\n    - CELoss: {{weight: 1.0}}\nMetric:\n  Eval:\n    - DistillationTopkAcc: {{model_key: Student, topk: [1, 2]}}\n{d}",
-            global(out, epochs).replace("print_batch_step: 2", "print_batch_step: 1"),
-        ),
-    )
-}
-
-/// The student's tensors in the export of checkpoint `ckpt`.
-fn student_weights(cfg: &Path, ckpt: &Path, dir: &Path) -> BTreeMap<String, Vec<f32>> {
-    run(&[
-        "export",
-        "-c",
-        cfg.to_str().unwrap(),
-        "-o",
-        &format!("Global.pretrained_model={}", ckpt.display()),
-        &format!("Global.save_inference_dir={}", dir.display()),
-    ]);
-    let bytes = std::fs::read(dir.join("inference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let v = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, v)
-        })
-        .collect()
-}
 
 /// The largest difference of any tensor, relative to that tensor's largest magnitude.
 fn max_rel_diff(

@@ -4,47 +4,27 @@
 
 mod common;
 
-use common::{data_section, global, make_dataset, run, write, BIN};
+use common::{kd_config, make_dataset, student_weights, write, BIN};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A two-epoch KD config writing to `out`.
 fn config(dir: &Path, data: &Path, out: &Path) -> PathBuf {
-    let d = data_section(data)
-        .replacen(
-            "batch_size: 8, drop_last: False, shuffle: True",
-            "batch_size: 4, drop_last: False, shuffle: True",
-            1,
-        )
-        .replace("learning_rate: 0.05", "learning_rate: 0.01");
-    write(
-        &dir.join(format!("{}.yaml", out.file_name().unwrap().to_string_lossy())),
-        &format!(
-            "{}Arch:\n  name: DistillationModel\n  class_num: 3\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {{name: resnet8}}\n    - Student: {{name: resnet8}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n  Eval:\n    - CELoss: {{weight: 1.0}}\n{d}",
-            global(out, 2)
-        ),
-    )
+    let name = format!("{}.yaml", out.file_name().unwrap().to_string_lossy());
+    kd_config(dir, &name, data, out, 2, 4, "")
 }
 
-fn weights(cfg: &Path, out: &Path) -> BTreeMap<String, Vec<u8>> {
-    let exp = out.join("exported");
-    run(&[
-        "export",
-        "-c",
-        cfg.to_str().unwrap(),
-        "-o",
-        &format!(
-            "Global.pretrained_model={}",
-            out.join("DistillationModel/latest").display()
-        ),
-        &format!("Global.save_inference_dir={}", exp.display()),
-    ]);
-    let bytes = std::fs::read(exp.join("inference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.data().to_vec()))
-        .collect()
+/// The student's tensors after training into `out`, as bits (compared exactly).
+fn weights(cfg: &Path, out: &Path) -> BTreeMap<String, Vec<u32>> {
+    student_weights(
+        cfg,
+        &out.join("DistillationModel/latest"),
+        &out.join("exported"),
+    )
+    .into_iter()
+    .map(|(k, v)| (k, v.into_iter().map(f32::to_bits).collect()))
+    .collect()
 }
 
 fn output(cmd: &mut Command) -> (bool, String) {

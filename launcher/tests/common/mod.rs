@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses a subset
 
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -122,5 +123,59 @@ pub fn infer_lines(stdout: &str) -> Vec<Value> {
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A KD config for multi-worker tests (random frozen teacher, resnet8 student, learning rate
+/// 0.01) with per-worker batch `batch`, written to `dir/name`.
+pub fn kd_config(
+    dir: &Path,
+    name: &str,
+    data: &Path,
+    out: &Path,
+    epochs: usize,
+    batch: usize,
+    extra_global: &str,
+) -> PathBuf {
+    let d = data_section(data)
+        .replacen(
+            "batch_size: 8, drop_last: False, shuffle: True",
+            &format!("batch_size: {batch}, drop_last: False, shuffle: True"),
+            1,
+        )
+        // A gentler rate than the e2e tests': see `two_workers_match_one_worker_with_twice_the_batch`
+        // in distributed.rs.
+        .replace("learning_rate: 0.05", "learning_rate: 0.01");
+    write(
+        &dir.join(name),
+        &format!(
+            "{}{extra_global}Arch:\n  name: DistillationModel\n  class_num: 3\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {{name: resnet8}}\n    - Student: {{name: resnet8}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n  Eval:\n    - CELoss: {{weight: 1.0}}\nMetric:\n  Eval:\n    - DistillationTopkAcc: {{model_key: Student, topk: [1, 2]}}\n{d}",
+            global(out, epochs).replace("print_batch_step: 2", "print_batch_step: 1"),
+        ),
+    )
+}
+
+/// The student's tensors in the export of checkpoint `ckpt`.
+pub fn student_weights(cfg: &Path, ckpt: &Path, dir: &Path) -> BTreeMap<String, Vec<f32>> {
+    run(&[
+        "export",
+        "-c",
+        cfg.to_str().unwrap(),
+        "-o",
+        &format!("Global.pretrained_model={}", ckpt.display()),
+        &format!("Global.save_inference_dir={}", dir.display()),
+    ]);
+    let bytes = std::fs::read(dir.join("inference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, v)
+        })
         .collect()
 }
