@@ -3,6 +3,7 @@
 
 pub mod backbone;
 pub mod cpu_conv;
+pub mod import;
 pub mod layers;
 pub mod mobilenet_v3;
 pub mod pplcnet;
@@ -292,19 +293,33 @@ impl<B: AutodiffBackend> DistillationModel<B> {
         Ok(())
     }
 
-    /// Loads the weights of model `key` from a file written by [`Self::save`].
+    /// Loads the weights of model `key` from a file written by [`Self::save`], or from a
+    /// PyTorch, Paddle or safetensors file (see [`import`]).
     pub fn load_model(&mut self, key: &str, file: &Path, device: &B::Device) -> Result<()> {
         let slot = self.slot(key)?.clone();
         let ctx = || format!("loading weights for model {key} from {}", file.display());
         if !file.is_file() {
             bail!("{}: file not found", ctx());
         }
+        // PyTorch, Paddle and safetensors files are imported by name; anything else is a
+        // kd-launch record.
+        let foreign = import::Format::of(file).is_some();
         if slot.spec.frozen {
             let m = self.frozen[slot.index].clone();
-            self.frozen[slot.index] = load_checked(m, file, device).with_context(ctx)?;
+            self.frozen[slot.index] = if foreign {
+                import::load_into(m, file, device)
+            } else {
+                load_checked(m, file, device)
+            }
+            .with_context(ctx)?;
         } else {
             let m = self.trainable.models[slot.index].clone();
-            self.trainable.models[slot.index] = load_checked(m, file, device).with_context(ctx)?;
+            self.trainable.models[slot.index] = if foreign {
+                import::load_into(m, file, device)
+            } else {
+                load_checked(m, file, device)
+            }
+            .with_context(ctx)?;
         }
         Ok(())
     }

@@ -180,22 +180,29 @@ pub fn load_named<B: Backend, M: Module<B>>(
         .filter(|k| !a.used.contains(k))
         .filter(|k| !a.mismatched.iter().any(|m| m.starts_with(&format!("{k}:"))))
         .collect();
+    // Long lists (another architecture altogether) are cut: the first names tell the story.
+    fn listed<S: AsRef<str>>(names: &[S], sep: &str) -> String {
+        const SHOWN: usize = 12;
+        let mut s = names
+            .iter()
+            .take(SHOWN)
+            .map(|n| n.as_ref())
+            .collect::<Vec<_>>()
+            .join(sep);
+        if names.len() > SHOWN {
+            s.push_str(&format!("{sep}… ({} in all)", names.len()));
+        }
+        s
+    }
     let mut problems = vec![];
     if !a.missing.is_empty() {
-        problems.push(format!("missing: {}", a.missing.join(", ")));
+        problems.push(format!("missing: {}", listed(&a.missing, ", ")));
     }
     if !a.mismatched.is_empty() {
-        problems.push(format!("shape mismatch: {}", a.mismatched.join("; ")));
+        problems.push(format!("shape mismatch: {}", listed(&a.mismatched, "; ")));
     }
     if !unexpected.is_empty() {
-        problems.push(format!(
-            "unexpected: {}",
-            unexpected
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        problems.push(format!("unexpected: {}", listed(&unexpected, ", ")));
     }
     if !problems.is_empty() {
         bail!("weights do not fit the model ({})", problems.join("; "));

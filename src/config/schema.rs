@@ -43,12 +43,18 @@ pub struct GlobalConfig {
     /// interleaved splits of each batch (1 = the whole batch). With `k` and batch `k·b`, one worker
     /// computes what `k` workers with batch `b` compute (see `BnMode::TrainSplits`).
     pub bn_stat_splits: usize,
+    /// kd-launch extension: where `pretrained: True` finds released weights (default: the
+    /// `KD_LAUNCH_WEIGHTS` variable, else `~/.cache/kd-launch/weights`).
+    pub pretrained_dir: PathBuf,
+    /// kd-launch extension: eval batches the frozen teacher is scored on before training
+    /// (0 = no check). A teacher at chance level is warned about loudly.
+    pub teacher_check_batches: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Pretrained {
     None,
-    /// `pretrained: True`: the publisher's released weights (resolved by the interop work).
+    /// `pretrained: True`: the publisher's released weights, from `Global.pretrained_dir`.
     Released,
     Path(PathBuf),
 }
@@ -353,6 +359,9 @@ fn parse_global(g: &Node, train: Option<&LoaderSection>) -> ConfigResult<GlobalC
             .or(train.map(|t| t.num_workers))
             .filter(|&t| t > 0),
         bn_stat_splits: positive("bn_stat_splits", 1)?,
+        pretrained_dir: opt_path(g, "pretrained_dir")?
+            .unwrap_or_else(crate::arch::import::default_weights_dir),
+        teacher_check_batches: g.usize_or("teacher_check_batches", 4)?,
     })
 }
 

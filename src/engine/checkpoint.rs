@@ -157,9 +157,12 @@ pub fn resolve_model_file(path: &Path, key: &str) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
-    let with_ext = path.with_extension("mpk");
-    if with_ext.is_file() {
-        return Ok(with_ext);
+    // PaddleClas names weights without their extension (`pretrained: path/ResNet50_vd_pretrained`).
+    for ext in ["mpk", "pdparams"] {
+        let with_ext = path.with_extension(ext);
+        if path.extension().is_none() && with_ext.is_file() {
+            return Ok(with_ext);
+        }
     }
     if path.is_dir() {
         let state = TrainState::read(path)?;
@@ -171,7 +174,7 @@ pub fn resolve_model_file(path: &Path, key: &str) -> Result<PathBuf> {
         return Ok(path.join(format!("{pick}.mpk")));
     }
     bail!(
-        "weights {} not found (give a checkpoint directory or a .mpk file written by kd-launch)",
+        "weights {} not found (give a kd-launch checkpoint directory or .mpk file, or a .pth, .pdparams or .safetensors file)",
         path.display()
     )
 }

@@ -121,6 +121,85 @@ pub fn evaluate<B: AutodiffBackend>(
     })
 }
 
+/// What the frozen-teacher check found for one model.
+#[derive(Clone, Debug)]
+pub struct TeacherCheck {
+    pub model: String,
+    pub top1: f64,
+    pub samples: usize,
+    /// Top-1 of guessing: one over the classes in the eval list.
+    pub chance: f64,
+}
+
+impl TeacherCheck {
+    /// Within 1.5× of guessing: a teacher that teaches nothing (weights not loaded, or for other
+    /// data), the "loss flat at ln(classes)" failure.
+    pub fn at_chance(&self) -> bool {
+        self.top1 <= 1.5 * self.chance
+    }
+}
+
+/// Evaluates every frozen model on the first `batches` batches of this rank's eval shard,
+/// before training starts, and logs each top-1 — loudly when it is at chance level. Runs on
+/// each rank alone (no collectives).
+pub fn check_teachers<B: AutodiffBackend>(
+    model: &DistillationModel<B>,
+    data: &EvalData,
+    batches: usize,
+    device: &B::Device,
+) -> Result<Vec<TeacherCheck>> {
+    let frozen: Vec<_> = model.slots.iter().filter(|s| s.spec.frozen).collect();
+    if frozen.is_empty() || batches == 0 {
+        return Ok(vec![]);
+    }
+    let mut correct = vec![0usize; frozen.len()];
+    let mut samples = 0;
+    let first: Vec<Vec<usize>> = data.batches.iter().take(batches).cloned().collect();
+    let mut it = data.loader.epoch(first, 0);
+    while let Some(batch) = it.next() {
+        let batch = batch?;
+        let (x, y) = batch_tensors::<B::InnerBackend>(&batch, device);
+        for (c, slot) in correct.iter_mut().zip(&frozen) {
+            let out = model.frozen[slot.index].forward(x.clone(), crate::arch::BnMode::Eval, &[]);
+            *c += crate::loss::functional::topk_correct(out.logits, y.clone(), &[1])[0];
+        }
+        samples += batch.labels.len();
+    }
+    let chance = 1.0 / data.loader.dataset.num_classes().max(1) as f64;
+    let checks: Vec<TeacherCheck> = frozen
+        .iter()
+        .zip(correct)
+        .map(|(slot, c)| TeacherCheck {
+            model: slot.key.clone(),
+            top1: c as f64 / samples.max(1) as f64,
+            samples,
+            chance,
+        })
+        .collect();
+    for c in &checks {
+        if c.at_chance() {
+            tracing::warn!(
+                "frozen model {} scores top-1 {:.4} on {} eval images, about chance ({:.4}): its weights are \
+                 probably not loaded, or were trained for other data or preprocessing; distilling from it \
+                 teaches nothing (the loss stays near ln(classes)). Check its `pretrained` and the transforms",
+                c.model,
+                c.top1,
+                c.samples,
+                c.chance
+            );
+        } else {
+            tracing::info!(
+                "frozen model {}: top-1 {:.4} on the first {} eval images (chance {:.4})",
+                c.model,
+                c.top1,
+                c.samples,
+                c.chance
+            );
+        }
+    }
+    Ok(checks)
+}
+
 /// Sums every average's `(sum, count)` across ranks so all print the global value. The names
 /// come from rank 0, which always holds samples (it is dealt sample 0); a rank whose shard is
 /// empty contributes zeros, so every rank makes the same calls with the same lengths.

@@ -1,6 +1,6 @@
 //! Export: the `infer_model_name` model alone, as `inference.safetensors` plus `inference.json`
 //! (backbone, class count, image shape, preprocessing, label names) — everything `infer` needs
-//! without the training config.
+//! without the training config — and as `inference.onnx` for other runtimes.
 
 use super::checkpoint;
 use super::train::load_initial_weights;
@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 pub const WEIGHTS_FILE: &str = "inference.safetensors";
 pub const META_FILE: &str = "inference.json";
+/// The student as ONNX (opset 17; BatchNorm folded), preprocessing in its metadata.
+pub const ONNX_FILE: &str = "inference.onnx";
 pub const FORMAT: &str = "kd-launch-inference/1";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -128,9 +130,20 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
     let dir = g.save_inference_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     checkpoint::write_file_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
-    checkpoint::write_file_atomic(
-        &dir.join(META_FILE),
-        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    let meta_json = serde_json::to_string_pretty(&meta)?;
+    // The same model for other runtimes, with what a deployment needs to feed it.
+    let onnx = super::onnx::model_bytes(
+        &backbone,
+        g.image_shape,
+        spec.class_num,
+        &[
+            ("kd_launch_export", meta_json.clone()),
+            ("preprocess", serde_json::to_string(&meta.transforms)?),
+            ("image_shape", serde_json::to_string(&meta.image_shape)?),
+            ("label_names", serde_json::to_string(&meta.label_names)?),
+        ],
     )?;
+    checkpoint::write_file_atomic(&dir.join(ONNX_FILE), &onnx)?;
+    checkpoint::write_file_atomic(&dir.join(META_FILE), meta_json.as_bytes())?;
     Ok(dir)
 }

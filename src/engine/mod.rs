@@ -5,12 +5,13 @@ pub mod checkpoint;
 pub mod evaluate;
 pub mod export;
 pub mod infer;
+pub mod onnx;
 pub mod replicas;
 pub mod train;
 
 use crate::config::{Config, DeviceKind};
 use crate::dist::Collective;
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -188,15 +189,27 @@ pub fn check(cfg: &Config) -> Result<String> {
         out.push(line);
         match &slot.spec.pretrained {
             crate::config::Pretrained::None => {}
-            crate::config::Pretrained::Released => out.push(format!(
-                "warning: model {}: `pretrained: True` asks for the publisher's released weights, which this build \
-                 cannot load yet; `train` will refuse. Give a path to a kd-launch checkpoint instead",
-                slot.key
-            )),
-            crate::config::Pretrained::Path(p) => match checkpoint::resolve_model_file(p, &slot.key) {
-                Ok(f) => out.push(format!("model {}: pretrained weights {}", slot.key, f.display())),
-                Err(e) => out.push(format!("warning: model {}: {e:#}", slot.key)),
-            },
+            crate::config::Pretrained::Released => {
+                match crate::arch::import::resolve_released(&slot.spec, &cfg.global.pretrained_dir)
+                {
+                    Ok(f) => out.push(format!(
+                        "model {}: released weights {}",
+                        slot.key,
+                        f.display()
+                    )),
+                    Err(e) => out.push(format!("warning: {e:#}")),
+                }
+            }
+            crate::config::Pretrained::Path(p) => {
+                match checkpoint::resolve_model_file(p, &slot.key) {
+                    Ok(f) => out.push(format!(
+                        "model {}: pretrained weights {}",
+                        slot.key,
+                        f.display()
+                    )),
+                    Err(e) => out.push(format!("warning: model {}: {e:#}", slot.key)),
+                }
+            }
         }
     }
     out.push(format!("infer model: {}", cfg.arch.infer_model_name));
@@ -261,18 +274,13 @@ pub fn check(cfg: &Config) -> Result<String> {
     Ok(out.join("\n"))
 }
 
-/// Fails unless `cfg` can train (as opposed to `check`, which only warns).
+/// Fails unless `cfg` can train (as opposed to `check`, which only warns): every
+/// `pretrained: True` must find its released file before any work starts.
 pub(crate) fn require_trainable_weights(cfg: &Config) -> Result<()> {
     for m in &cfg.arch.models {
         if m.pretrained == crate::config::Pretrained::Released {
-            bail!(
-                "{}: Arch model {}: `pretrained: True` needs the publisher's released weights, which kd-launch cannot \
-                 load yet; set `pretrained:` to a kd-launch checkpoint directory or .mpk file \
-                 (e.g. -o Arch.models.0.{}.pretrained=output/<arch>/best_model)",
-                cfg.file.display(),
-                m.key,
-                m.key
-            );
+            crate::arch::import::resolve_released(m, &cfg.global.pretrained_dir)
+                .with_context(|| cfg.file.display().to_string())?;
         }
     }
     Ok(())

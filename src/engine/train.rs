@@ -120,9 +120,18 @@ pub(crate) fn load_initial_weights<B: AutodiffBackend>(
         return Ok(());
     }
     for spec in &cfg.arch.models {
-        if let Pretrained::Path(p) = &spec.pretrained {
-            let file = checkpoint::resolve_model_file(p, &spec.key)
-                .with_context(|| format!("Arch model {}: pretrained", spec.key))?;
+        let file = match &spec.pretrained {
+            Pretrained::None => None,
+            Pretrained::Released => Some(crate::arch::import::resolve_released(
+                spec,
+                &cfg.global.pretrained_dir,
+            )?),
+            Pretrained::Path(p) => Some(
+                checkpoint::resolve_model_file(p, &spec.key)
+                    .with_context(|| format!("Arch model {}: pretrained", spec.key))?,
+            ),
+        };
+        if let Some(file) = file {
             model.load_model(&spec.key, &file, device)?;
             tracing::info!(
                 "model {}: loaded pretrained weights {}",
@@ -231,6 +240,11 @@ pub fn train<B: AutodiffBackend>(
             "rank {rank} of {world} ({} collectives): replicas synchronised from rank 0",
             opts.collective.kind()
         );
+    }
+    // The frozen teacher is scored before step 1: a teacher at chance level (weights not
+    // loaded, or for other data) is the "loss flat at ln(classes)" failure, cheap to catch here.
+    if let Some(data) = &eval_data {
+        super::evaluate::check_teachers(&model, data, g.teacher_check_batches, &device)?;
     }
     let train_metrics = metric_specs(&cfg.train_metric, &cfg.arch.infer_model_name);
     let progress = opts

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# ONNX export checked in onnxruntime: for each backbone family a student trains one short epoch on
+# 256 Fashion-MNIST images (so its scores are not uniform), is exported, and `kd-launch infer` on
+# 32 validation images is compared with onnxruntime on the same images (tools/check_onnx.py,
+# scores within 1e-4). Needs `pip install onnxruntime numpy pillow`.
+#
+# Usage: tools/check_onnx.sh [path/to/kd-launch]   (default: target/debug/kd-launch, built by the tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KD=${1:-target/debug/kd-launch}
+[ -x "$KD" ] || cargo build -p kd-launch
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+head -n 256 dataset/fashion-mnist/train_list.txt > "$work/train.txt"
+mkdir -p "$work/images"
+head -n 32 dataset/fashion-mnist/val_list.txt | while read -r rel _; do
+  cp "dataset/fashion-mnist/$rel" "$work/images/"
+done
+status=0
+# resnet8: CIFAR ResNet; ResNet18_vd: deep stem, max-pool, average-pooled (ceil mode, odd sizes
+# at 28x28) projections; PP-LCNet and MobileNetV3: depthwise convolutions, SE, hardswish, dropout.
+for arch in resnet8 ResNet18_vd PPLCNet_x0_25 MobileNetV3_small_x0_35; do
+  out="$work/$arch"
+  "$KD" train -c configs/quickstart/student.yaml \
+    -o Arch.name="$arch" -o Global.epochs=1 -o Global.output_dir="$out" \
+    -o Global.eval_during_train=False -o Global.print_batch_step=100 \
+    -o DataLoader.Train.dataset.cls_label_path="$work/train.txt" \
+    -o DataLoader.Train.sampler.batch_size=32 >"$out.train.log" 2>&1 || { cat "$out.train.log"; exit 1; }
+  "$KD" export -c configs/quickstart/student.yaml -o Arch.name="$arch" \
+    -o Global.pretrained_model="$out/$arch/latest" -o Global.save_inference_dir="$out/inference" >/dev/null
+  "$KD" infer --model "$out/inference" --images "$work/images" > "$out.infer.jsonl"
+  python3 tools/check_onnx.py --model "$out/inference/inference.onnx" --infer "$out.infer.jsonl" || status=1
+done
+exit $status
