@@ -4,11 +4,13 @@
 The preprocessing comes from the model's own metadata (`preprocess`, PaddleClas's transform
 list), re-done here with Pillow and numpy; the images must not need resampling (ResizeImage to
 their own size, or none), which is what keeps the comparison about the network, not about two
-resize filters. For each image, every class `kd-launch infer` put in its top-k must have the
+resize filters. All logits must agree to --tol relative to the largest one (untrained models have
+logits of ~0.02, where an absolute 1e-4 would hide a wrong layer);
+for each image, every class `kd-launch infer` put in its top-k must have the
 same score in onnxruntime to within --tol, and onnxruntime's top-k must be the same classes.
 
 Usage:
-  kd-launch infer --model DIR --images IMGS > infer.jsonl
+  kd-launch infer --model DIR --images IMGS --logits > infer.jsonl
   python3 tools/check_onnx.py --model DIR/inference.onnx --infer infer.jsonl [--tol 1e-4]
 Exit status 0 when everything matches; prints the largest score difference.
 """
@@ -83,8 +85,14 @@ def main():
     if not rows:
         sys.exit("no results in " + args.infer)
     x = np.stack([preprocess(r["file_name"], transforms) for r in rows])
-    scores = sess.run(["scores"], {"image": x})[0]
+    logits, scores = sess.run(["logits", "scores"], {"image": x})
+    # Logits first (scores of an untrained model are all near 1/classes and would hide a lot).
+    theirs_logits = np.array([r["logits"] for r in rows], dtype=np.float32)
+    logit_diff = float(np.abs(logits - theirs_logits).max())
+    logit_scale = float(np.abs(theirs_logits).max())
     worst, bad = 0.0, []
+    if logit_diff > args.tol * logit_scale:
+        bad.append(("logits", logit_diff, logit_scale))
     for r, s in zip(rows, scores):
         ids = r["class_ids"]
         diff = max(abs(float(s[c]) - v) for c, v in zip(ids, r["scores"]))
@@ -95,8 +103,10 @@ def main():
         if diff > args.tol or (sorted(theirs) != sorted(ids)
                                and abs(float(s[theirs[-1]]) - r["scores"][-1]) > args.tol):
             bad.append((r["file_name"], ids, r["scores"], theirs, s[ids].tolist()))
-    print(f"{args.model}: {len(rows)} images, "
-          f"max top-{len(rows[0]['class_ids'])} score difference {worst:.2e} (tolerance {args.tol:g})")
+    print(f"{args.model}: {len(rows)} images, max |logit difference| {logit_diff:.2e} "
+          f"(max |logit| {logit_scale:.3f}), "
+          f"max top-{len(rows[0]['class_ids'])} score difference {worst:.2e} (tolerance {args.tol:g}); "
+          f"top-1 scores {min(r['scores'][0] for r in rows):.3f}..{max(r['scores'][0] for r in rows):.3f}")
     for b in bad[:5]:
         print("MISMATCH", *b)
     sys.exit(1 if bad else 0)

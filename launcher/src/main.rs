@@ -87,6 +87,9 @@ enum Command {
         /// An image file or a directory of images (default: Infer.infer_imgs).
         #[arg(long)]
         images: Option<PathBuf>,
+        /// Also print every class's logit (e.g. to compare with an ONNX runtime).
+        #[arg(long)]
+        logits: bool,
     },
     /// Prepare a bundled dataset.
     Dataset {
@@ -594,6 +597,7 @@ fn run_job(
             overrides,
             model,
             images,
+            logits,
         } => {
             engine::init_cpu_threads(threads);
             let opts = opts(Box::new(kd_engine::dist::SingleProcess));
@@ -616,7 +620,10 @@ fn run_job(
                 }
                 (None, None) => bail!("infer needs --model <export dir> or -c <config>"),
             };
-            for r in results {
+            for mut r in results {
+                if !logits {
+                    r.logits = None;
+                }
                 println!("{}", serde_json::to_string(&r)?);
             }
         }

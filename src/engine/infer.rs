@@ -22,6 +22,9 @@ pub struct InferResult {
     pub scores: Vec<f32>,
     pub file_name: String,
     pub label_names: Vec<String>,
+    /// Every class's logit (printed with `infer --logits`; for comparing runtimes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logits: Option<Vec<f32>>,
 }
 
 pub enum InferSource<'a> {
@@ -160,7 +163,14 @@ impl<B: Backend> Predictor<B> {
                 TensorData::new(pixels, [chunk.len(), c, h, w]),
                 &self.device,
             );
-            let probs = softmax(self.model.forward(x, BnMode::Eval, &[]).logits, 1);
+            let logits = self.model.forward(x, BnMode::Eval, &[]).logits;
+            let raw: Vec<f32> = logits
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32");
+            let probs = softmax(logits, 1);
             let classes = probs.dims()[1];
             let k = self.topk.min(classes);
             let (vals, idx) = probs.sort_descending_with_indices(1);
@@ -177,6 +187,7 @@ impl<B: Backend> Predictor<B> {
                     class_ids,
                     scores: vals[row].to_vec(),
                     file_name: f.display().to_string(),
+                    logits: Some(raw[i * classes..(i + 1) * classes].to_vec()),
                 });
             }
         }
