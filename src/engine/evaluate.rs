@@ -127,7 +127,7 @@ pub struct TeacherCheck {
     pub model: String,
     pub top1: f64,
     pub samples: usize,
-    /// Top-1 of guessing: one over the classes in the eval list.
+    /// Top-1 of guessing: one over the model's classes.
     pub chance: f64,
 }
 
@@ -165,7 +165,6 @@ pub fn check_teachers<B: AutodiffBackend>(
         }
         samples += batch.labels.len();
     }
-    let chance = 1.0 / data.loader.dataset.num_classes().max(1) as f64;
     let checks: Vec<TeacherCheck> = frozen
         .iter()
         .zip(correct)
@@ -173,7 +172,8 @@ pub fn check_teachers<B: AutodiffBackend>(
             model: slot.key.clone(),
             top1: c as f64 / samples.max(1) as f64,
             samples,
-            chance,
+            // The model's classes, not the eval list's (which may hold only some of them).
+            chance: 1.0 / slot.spec.class_num.max(1) as f64,
         })
         .collect();
     for c in &checks {

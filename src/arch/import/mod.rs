@@ -308,8 +308,8 @@ mod tests {
             [
                 "blocks.0.conv1.conv.weight",
                 "blocks.1.conv0.bn.weight",
-                "blocks.2.short.conv.weight",
                 "blocks.2.short.bn.running_mean",
+                "blocks.2.short.conv.weight",
                 "blocks.3.conv0.conv.weight",
                 "fc.weight",
                 "stem.0.bn.running_var",
