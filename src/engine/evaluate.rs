@@ -155,8 +155,7 @@ pub fn check_teachers<B: AutodiffBackend>(
     let mut correct = vec![0usize; frozen.len()];
     let mut samples = 0;
     let first: Vec<Vec<usize>> = data.batches.iter().take(batches).cloned().collect();
-    let mut it = data.loader.epoch(first, 0);
-    while let Some(batch) = it.next() {
+    for batch in data.loader.epoch(first, 0) {
         let batch = batch?;
         let (x, y) = batch_tensors::<B::InnerBackend>(&batch, device);
         for (c, slot) in correct.iter_mut().zip(&frozen) {
