@@ -25,4 +25,4 @@ for run in teacher/resnet20 student/resnet8 kd/DistillationModel dkd/Distillatio
   printf '%-28s top1 %s (epoch %s)\n' "$run" "$top1" "$epoch"
 done
 echo "checkpoints: output/quickstart/<run>/<arch>/{latest,best_model}"
-echo "exported DKD student: output/quickstart/dkd/inference (inference.safetensors + inference.json)"
+echo "exported DKD student: output/quickstart/dkd/inference (inference.safetensors + inference.json, inference.onnx)"

@@ -5,7 +5,8 @@
 # and 32, with 1 and 2 threads. Writes bench/results/onnx_latency.md. Needs `pip install onnxruntime`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p kd-launch --example infer_latency
+cargo build --release -p kd-launch
+cargo build --release -p kd-engine --example infer_latency
 KD=target/release/kd-launch
 LAT=target/release/examples/infer_latency
 work=$(mktemp -d)

@@ -43,6 +43,7 @@ struct Fixtures {
     pplcnet: Reference,
     #[serde(rename = "ResNet18_vd")]
     resnet18_vd: Reference,
+    paddleclas_state_dict_shapes: BTreeMap<String, BTreeMap<String, Vec<usize>>>,
 }
 
 fn dir() -> PathBuf {
@@ -143,36 +144,56 @@ fn paddleclas_pplcnet_and_resnet_vd_pdparams_give_paddles_logits() {
     }
 }
 
+/// Maps a name → shape table and compares it with backbone `ours`' tensors exactly.
+fn assert_names_map(table: &BTreeMap<String, Vec<usize>>, ours: &str, expect: Naming) {
+    let src: BTreeMap<String, NamedTensor> = table
+        .iter()
+        // Integer counters are skipped by the reader; only float tensors reach the mapping.
+        .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+        .map(|(k, s)| {
+            let n = s.iter().product();
+            (
+                k.clone(),
+                NamedTensor {
+                    shape: s.clone(),
+                    values: vec![0.0; n],
+                },
+            )
+        })
+        .collect();
+    let (naming, mapped) = import::to_kd_names(src);
+    assert_eq!(naming, expect, "{ours}");
+    let mapped: BTreeMap<String, Vec<usize>> =
+        mapped.into_iter().map(|(k, t)| (k, t.shape)).collect();
+    let model =
+        Backbone::<B>::from_spec(&spec(ours, fixtures().classes), &Default::default()).unwrap();
+    // Our module paths start with the backbone variant (`ResNet.`, `PPLCNet.`, ...).
+    let ours_shapes: BTreeMap<String, Vec<usize>> = weights::named_shapes(&model)
+        .into_iter()
+        .map(|(k, s)| (k.split_once('.').unwrap().1.to_string(), s))
+        .collect();
+    let diff = weights::shape_differences(&ours_shapes, &mapped);
+    assert!(diff.is_empty(), "{ours}: {diff:?}");
+}
+
 #[test]
 fn torchvision_resnet34_and_50_names_map_onto_ours_exactly() {
     let f = fixtures();
     for (theirs, ours) in [("resnet34", "ResNet34"), ("resnet50", "ResNet50")] {
-        let src: BTreeMap<String, NamedTensor> = f.torchvision_state_dict_shapes[theirs]
-            .iter()
-            // Integer counters are skipped by the reader; only float tensors reach the mapping.
-            .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
-            .map(|(k, s)| {
-                let n = s.iter().product();
-                (
-                    k.clone(),
-                    NamedTensor {
-                        shape: s.clone(),
-                        values: vec![0.0; n],
-                    },
-                )
-            })
-            .collect();
-        let (naming, mapped) = import::to_kd_names(src);
-        assert_eq!(naming, Naming::Torchvision);
-        let mapped: BTreeMap<String, Vec<usize>> =
-            mapped.into_iter().map(|(k, t)| (k, t.shape)).collect();
-        let model = Backbone::<B>::from_spec(&spec(ours, f.classes), &Default::default()).unwrap();
-        let ours_shapes: BTreeMap<String, Vec<usize>> = weights::named_shapes(&model)
-            .into_iter()
-            .map(|(k, s)| (k.trim_start_matches("ResNet.").to_string(), s))
-            .collect();
-        let diff = weights::shape_differences(&ours_shapes, &mapped);
-        assert!(diff.is_empty(), "{ours}: {diff:?}");
+        assert_names_map(
+            &f.torchvision_state_dict_shapes[theirs],
+            ours,
+            Naming::Torchvision,
+        );
+    }
+}
+
+#[test]
+fn paddleclas_state_dict_names_of_every_family_map_onto_ours_exactly() {
+    let f = fixtures();
+    assert_eq!(f.paddleclas_state_dict_shapes.len(), 6);
+    for (name, table) in &f.paddleclas_state_dict_shapes {
+        assert_names_map(table, name, Naming::PaddleClas);
     }
 }
 

@@ -12,7 +12,9 @@ and the logits their own frameworks compute.
 * With --paddleclas <PaddleClas checkout> and paddlepaddle installed: PaddleClas's own PPLCNet_x0_25
   and ResNet18_vd (10 classes, Paddle's default initialisation, seeded, then sparse large
   convolutions and random BatchNorm statistics), saved with paddle.save (.pdparams, the format of
-  PaddleClas's released weights) and gzipped, and their eval-mode logits from Paddle.
+  PaddleClas's released weights) and gzipped, and their eval-mode logits from Paddle; and the
+  names and shapes of PaddleClas's MobileNetV3 small/large, PPLCNet_x1_0, ResNet34/50_vd and ResNet50
+  state dicts.
 
 Usage (repository root):
   python3 tools/gen_interop_fixtures.py [--paddleclas /path/to/PaddleClas]
@@ -129,6 +131,16 @@ def paddle_fixtures(x, paddleclas):
         os.remove(path)
         file += ".gz"
         out[name] = {"file": file, "logits": logits.tolist()}
+    # Names and shapes only, for the families and sizes not covered by a file above.
+    from ppcls.arch.backbone.legendary_models import mobilenet_v3, pp_lcnet, resnet
+    shapes = {}
+    for name, ctor in [("MobileNetV3_small_x0_35", mobilenet_v3.MobileNetV3_small_x0_35),
+                       ("MobileNetV3_large_x1_0", mobilenet_v3.MobileNetV3_large_x1_0),
+                       ("PPLCNet_x1_0", pp_lcnet.PPLCNet_x1_0),
+                       ("ResNet34_vd", resnet.ResNet34_vd), ("ResNet50_vd", resnet.ResNet50_vd),
+                       ("ResNet50", resnet.ResNet50)]:
+        shapes[name] = {k: list(v.shape) for k, v in ctor(class_num=CLASSES).state_dict().items()}
+    out["paddleclas_state_dict_shapes"] = shapes
     return out
 
 
