@@ -1,5 +1,6 @@
 //! Weight import checked against the frameworks that wrote the files: a torchvision ResNet18
-//! saved by `torch.save`, PaddleClas's PPLCNet_x0_25 and ResNet18_vd saved by `paddle.save`,
+//! saved by `torch.save`, timm's resnet50d saved as safetensors (read as ResNet50_vd),
+//! PaddleClas's PPLCNet_x0_25 and ResNet18_vd saved by `paddle.save`,
 //! each with the logits its own framework computed on a fixed input
 //! (`tools/gen_interop_fixtures.py` writes `tests/data/interop/`).
 
@@ -38,6 +39,7 @@ struct Fixtures {
     input: Input,
     classes: usize,
     resnet18_torchvision: Reference,
+    resnet50d_timm: Reference,
     torchvision_state_dict_shapes: BTreeMap<String, BTreeMap<String, Vec<usize>>>,
     #[serde(rename = "PPLCNet_x0_25")]
     pplcnet: Reference,
@@ -124,6 +126,19 @@ fn torchvision_resnet18_state_dict_gives_torchs_logits() {
         "reference logits too small to tell anything: {scale}"
     );
     assert!(diff <= TOL, "max logit difference {diff}");
+}
+
+#[test]
+fn timm_resnet50d_safetensors_gives_timms_logits_as_resnet50_vd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let file = unpacked(tmp.path(), &f.resnet50d_timm.file);
+    let (diff, scale) = logit_difference("ResNet50_vd", &file, &f.resnet50d_timm);
+    assert!(
+        scale > 0.1,
+        "reference logits too small to tell anything: {scale}"
+    );
+    assert!(diff <= TOL * scale.max(1.0), "max logit difference {diff}");
 }
 
 #[test]

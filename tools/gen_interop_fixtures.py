@@ -4,9 +4,11 @@ and the logits their own frameworks compute.
 
 * torchvision ResNet18 (10 classes) with seeded random weights, saved with torch.save(state_dict)
   and gzipped (tests/data/interop/resnet18_torchvision.pth.gz); its eval-mode logits on a fixed
-  2x3x64x64 input. To keep the file small, the large convolutions are 99 % zeros (every tensor
+  2x3x64x64 input. To keep the file small, the large convolutions are ~99 % zeros (every tensor
   still has thousands of non-zeros at random positions, so a wrong layout or a swapped tensor
   changes the logits); BatchNorm statistics are set from batches of data so the signal stays O(1).
+* timm's resnet50d (ResNet-D: PaddleClas's ResNet50_vd), randomised the same way, saved with
+  safetensors.torch.save_file (timm's distribution format), gzipped, and its logits.
 * The names and shapes of torchvision's ResNet34 and ResNet50 state dicts (no values): the Rust
   test maps them and compares with kd-launch's ResNet34/50 exactly.
 * With --paddleclas <PaddleClas checkout> and paddlepaddle installed: PaddleClas's own PPLCNet_x0_25
@@ -42,50 +44,72 @@ def fixed_input():
     return rng.standard_normal(INPUT).astype(np.float32)
 
 
-def torch_fixtures(x):
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=CLASSES)
-    g = torch.Generator().manual_seed(1)
+def randomize(model, torch, g):
+    """Seeded random weights, large convolutions mostly zeros (the files are gzipped), BatchNorm
+    statistics from batches of data so the eval-mode signal stays O(1)."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 4 and p.numel() > 20000:
-                keep = torch.rand(p.shape, generator=g) < 0.01
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.weight.numel() > 4000:
+                p = m.weight
+                # 1 % of the weights, but about 8 per filter at least: an all-zero filter gives a
+                # channel of zeros whose BatchNorm (variance ~0) would amplify round-off.
+                share = max(0.01, 8 / p[0].numel())
+                keep = torch.rand(p.shape, generator=g) < share
                 # He scale for the kept fan-in, so each layer passes the signal on.
-                fan_in = p[0].numel() * 0.01
+                fan_in = p[0].numel() * share
                 w = torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5
                 # where(), not a product: -0.0 would put random sign bits between the zeros.
                 p.copy_(torch.where(keep, w, torch.zeros_like(w)))
-            elif name.endswith("bn1.weight") or name.endswith("bn2.weight") or ".1.weight" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        # Running statistics from the data the model will see (cumulative average), so the
-        # eval-mode activations are normalised, not vanishing or exploding.
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
                 m.reset_running_stats()
-                m.momentum = None
+                m.momentum = None  # cumulative average over the batches below
         model.train()
         for _ in range(4):
             model(torch.randn(8, *INPUT[1:], generator=g))
         model.eval()
-        logits = model(torch.from_numpy(x)).numpy()
-    path = os.path.join(OUT, "resnet18_torchvision.pth")
-    torch.save(model.state_dict(), path)
+
+
+def gzip_file(path):
     with open(path, "rb") as f, gzip.GzipFile(path + ".gz", "wb", 9, mtime=0) as g:
         g.write(f.read())
     os.remove(path)
+    return os.path.basename(path) + ".gz"
+
+
+def torch_fixtures(x):
+    import safetensors.torch
+    import timm
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    out = {"torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+           "timm_version": timm.__version__}
+    model = torchvision.models.resnet18(num_classes=CLASSES)
+    randomize(model, torch, g)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).numpy()
+    path = os.path.join(OUT, "resnet18_torchvision.pth")
+    torch.save(model.state_dict(), path)
+    out["resnet18_torchvision"] = {"file": gzip_file(path), "logits": logits.tolist()}
+    # timm's ResNet-D (deep stem, average-pooled projections) is PaddleClas's ResNet50_vd; timm
+    # distributes weights as safetensors.
+    model = timm.create_model("resnet50d", num_classes=CLASSES)
+    randomize(model, torch, g)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).numpy()
+    path = os.path.join(OUT, "resnet50d_timm.safetensors")
+    safetensors.torch.save_file(model.state_dict(), path)
+    out["resnet50d_timm"] = {"file": gzip_file(path), "logits": logits.tolist()}
     shapes = {}
     for arch in ["resnet34", "resnet50"]:
         m = getattr(torchvision.models, arch)(num_classes=CLASSES)
         shapes[arch] = {k: list(v.shape) for k, v in m.state_dict().items()}
-    return {"torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
-            "resnet18_torchvision": {"file": "resnet18_torchvision.pth.gz",
-                                     "logits": logits.tolist()},
-            "torchvision_state_dict_shapes": shapes}
+    out["torchvision_state_dict_shapes"] = shapes
+    return out
 
 
 def paddle_fixtures(x, paddleclas):
@@ -126,10 +150,7 @@ def paddle_fixtures(x, paddleclas):
         file = f"{name}_paddleclas.pdparams"
         path = os.path.join(OUT, file)
         paddle.save(model.state_dict(), path)
-        with open(path, "rb") as f, gzip.GzipFile(path + ".gz", "wb", 9, mtime=0) as g:
-            g.write(f.read())
-        os.remove(path)
-        file += ".gz"
+        file = gzip_file(path)
         out[name] = {"file": file, "logits": logits.tolist()}
     # Names and shapes only, for the families and sizes not covered by a file above.
     from ppcls.arch.backbone.legendary_models import mobilenet_v3, pp_lcnet, resnet

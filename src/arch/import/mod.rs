@@ -1,5 +1,6 @@
 //! Weights made elsewhere: PyTorch state dicts (`.pth`/`.pt`, torchvision's or timm's ResNet
-//! naming), safetensors (the same naming, or kd-launch's own), and PaddleClas `.pdparams`; and
+//! naming, timm's ResNet-D as PaddleClas's vd), safetensors (the same naming, or kd-launch's own),
+//! and PaddleClas `.pdparams`; and
 //! `pretrained: True` resolved to the publisher's released file in a local weights directory.
 //!
 //! Every import goes through [`weights::load_named`], so a file that leaves any weight of the
@@ -81,10 +82,7 @@ pub fn read(path: &Path) -> Result<tensors::FileTensors> {
     match format {
         Format::Torch => tensors::read_torch(&bytes),
         Format::Paddle => tensors::read_paddle(&bytes),
-        Format::Safetensors => Ok(tensors::FileTensors {
-            tensors: weights::load_safetensors(&bytes)?,
-            skipped: vec![],
-        }),
+        Format::Safetensors => tensors::read_safetensors(&bytes),
     }
     .with_context(|| format!("reading {}", path.display()))
 }
@@ -111,11 +109,29 @@ fn from_torchvision(src: BTreeMap<String, NamedTensor>) -> BTreeMap<String, Name
         let j: usize = j.parse().ok()?;
         Some(format!("conv{}.{kind}", j.checked_sub(1)?))
     };
+    // timm's ResNet-D (`resnet50d`, ...: PaddleClas's vd) has a deep stem — `conv1.{0,3,6}` with
+    // BatchNorms `conv1.{1,4}` and `bn1` — and projections `downsample.{1,2}` after an average
+    // pool at `downsample.0`.
+    let deep_stem = src.contains_key("conv1.0.weight");
+    let pooled_projection: std::collections::BTreeSet<(usize, usize)> = src
+        .keys()
+        .filter(|k| k.contains(".downsample.2."))
+        .filter_map(|k| layer_block(k))
+        .collect();
     let mut out = BTreeMap::new();
     for (k, mut t) in src {
         let parts: Vec<&str> = k.split('.').collect();
         let name = match parts.as_slice() {
             ["conv1", rest] => format!("stem.0.conv.{rest}"),
+            ["conv1", i, rest] if deep_stem => match *i {
+                "0" => format!("stem.0.conv.{rest}"),
+                "1" => format!("stem.0.bn.{rest}"),
+                "3" => format!("stem.1.conv.{rest}"),
+                "4" => format!("stem.1.bn.{rest}"),
+                "6" => format!("stem.2.conv.{rest}"),
+                _ => k.clone(),
+            },
+            ["bn1", rest] if deep_stem => format!("stem.2.bn.{rest}"),
             ["bn1", rest] => format!("stem.0.bn.{rest}"),
             ["fc", "weight"] if t.shape.len() == 2 => {
                 t = transpose(&t);
@@ -127,8 +143,20 @@ fn from_torchvision(src: BTreeMap<String, NamedTensor>) -> BTreeMap<String, Name
                     out.insert(k.clone(), t);
                     continue;
                 };
-                let part = if *i == "0" { "conv" } else { "bn" };
                 let _ = block;
+                let (conv, bn) = if pooled_projection.contains(&(stage, b)) {
+                    ("1", "2")
+                } else {
+                    ("0", "1")
+                };
+                let part = match *i {
+                    i if i == conv => "conv",
+                    i if i == bn => "bn",
+                    _ => {
+                        out.insert(k.clone(), t);
+                        continue;
+                    }
+                };
                 format!("blocks.{}.short.{part}.{rest}", first_block(stage) + b)
             }
             [layer, _, part, rest] if layer.starts_with("layer") => {

@@ -281,6 +281,32 @@ pub fn read_torch(bytes: &[u8]) -> Result<FileTensors> {
     Ok(out)
 }
 
+/// Reads a safetensors file: float tensors of any width as `f32`, integer ones skipped.
+pub fn read_safetensors(bytes: &[u8]) -> Result<FileTensors> {
+    use safetensors::Dtype;
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
+    let mut out = FileTensors::default();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F64 => DType::F64,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            _ => {
+                out.skipped.push(name);
+                continue;
+            }
+        };
+        let shape = view.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let values = (0..n)
+            .map(|i| element(view.data(), dtype, false, i))
+            .collect();
+        out.tensors.insert(name, NamedTensor { shape, values });
+    }
+    Ok(out)
+}
+
 /// A numpy array pickled by numpy (`_reconstruct` + BUILD state).
 fn numpy_array(v: &Value) -> Result<Option<NamedTensor>> {
     let Some((module, name, _)) = v.call_of() else {
@@ -398,6 +424,38 @@ mod tests {
         assert_eq!(f16_to_f32(0xc000), -2.0);
         assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
         assert_eq!(f16_to_f32(0x7bff), 65504.0);
+    }
+
+    #[test]
+    fn safetensors_of_every_float_width_read_as_f32_and_integers_are_skipped() {
+        use safetensors::tensor::TensorView;
+        use safetensors::Dtype;
+        let f16: Vec<u8> = [0x3c00u16, 0xc000]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let bf16: Vec<u8> = [0x3f80u16, 0x4040]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let f64s: Vec<u8> = [0.5f64, -4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let ints: Vec<u8> = 7i64.to_le_bytes().to_vec();
+        let views = vec![
+            ("a", TensorView::new(Dtype::F16, vec![2], &f16).unwrap()),
+            ("b", TensorView::new(Dtype::BF16, vec![2], &bf16).unwrap()),
+            ("c", TensorView::new(Dtype::F64, vec![2, 1], &f64s).unwrap()),
+            ("n", TensorView::new(Dtype::I64, vec![], &ints).unwrap()),
+        ];
+        let bytes = safetensors::serialize(views, None).unwrap();
+        let t = read_safetensors(&bytes).unwrap();
+        assert_eq!(t.tensors["a"].values, [1.0, -2.0]);
+        assert_eq!(t.tensors["b"].values, [1.0, 3.0]);
+        assert_eq!(t.tensors["c"].values, [0.5, -4.0]);
+        assert_eq!(t.tensors["c"].shape, [2, 1]);
+        assert_eq!(t.skipped, ["n"]);
     }
 
     #[test]
