@@ -109,22 +109,35 @@ fn gather(
     shape: &[usize],
     stride: &[usize],
 ) -> Result<Vec<f32>> {
-    let count: usize = shape.iter().product();
-    let last = if count == 0 {
-        0
-    } else {
-        offset
-            + shape
-                .iter()
-                .zip(stride)
-                .map(|(s, st)| (s - 1) * st)
-                .sum::<usize>()
-    };
-    if count > 0 && (last + 1) * dtype.size() > bytes.len() {
-        bail!(
+    if shape.len() != stride.len() {
+        bail!("tensor has shape {shape:?} but strides {stride:?}");
+    }
+    // A damaged file can hold any numbers: every size is computed with overflow checks.
+    let past = || {
+        anyhow!(
             "tensor of shape {shape:?} reaches past its storage ({} bytes)",
             bytes.len()
-        );
+        )
+    };
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(past)?;
+    if count > 0 {
+        let last = shape
+            .iter()
+            .zip(stride)
+            .try_fold(offset, |a, (&s, &st)| {
+                a.checked_add((s - 1).checked_mul(st)?)
+            })
+            .ok_or_else(past)?;
+        let end = last
+            .checked_add(1)
+            .and_then(|l| l.checked_mul(dtype.size()))
+            .ok_or_else(past)?;
+        if end > bytes.len() {
+            return Err(past());
+        }
     }
     let mut out = Vec::with_capacity(count);
     let mut index = vec![0usize; shape.len()];
@@ -358,7 +371,12 @@ fn numpy_array(v: &Value) -> Result<Option<NamedTensor>> {
             _ => bail!("numpy array data is not bytes"),
         },
     };
-    let n: usize = shape.iter().product();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_mul(dtype.size()))
+        .ok_or_else(|| anyhow!("numpy array of shape {shape:?} is too large"))?
+        / dtype.size();
     if data.len() != n * dtype.size() {
         bail!(
             "numpy array of shape {shape:?} holds {} bytes, expected {}",
