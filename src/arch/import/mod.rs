@@ -138,12 +138,11 @@ fn from_torchvision(src: BTreeMap<String, NamedTensor>) -> BTreeMap<String, Name
                 "fc.weight".into()
             }
             ["fc", rest] => format!("fc.{rest}"),
-            [layer, block, "downsample", i, rest] if layer.starts_with("layer") => {
+            [layer, _, "downsample", i, rest] if layer.starts_with("layer") => {
                 let Some((stage, b)) = layer_block(&k) else {
                     out.insert(k.clone(), t);
                     continue;
                 };
-                let _ = block;
                 let (conv, bn) = if pooled_projection.contains(&(stage, b)) {
                     ("1", "2")
                 } else {
