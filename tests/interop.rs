@@ -22,6 +22,9 @@ type B = Flex;
 /// deep network accumulated over ~20 layers.
 const TOL: f32 = 1e-4;
 
+/// torchvision's ResNet18/34 have no projection in the first block (PaddleClas's have one).
+const TORCHVISION: &str = ", use_first_short_conv: False";
+
 #[derive(Deserialize)]
 struct Input {
     file: String,
@@ -57,6 +60,11 @@ fn fixtures() -> Fixtures {
 }
 
 fn spec(name: &str, classes: usize) -> ModelSpec {
+    spec_with(name, classes, "")
+}
+
+/// A model entry `{name: <name><extra>}`.
+fn spec_with(name: &str, classes: usize, extra: &str) -> ModelSpec {
     ModelSpec {
         key: "Teacher".into(),
         name: name.into(),
@@ -65,7 +73,7 @@ fn spec(name: &str, classes: usize) -> ModelSpec {
         return_patterns: vec![],
         frozen: true,
         params: Node::root(
-            serde_yaml::from_str(&format!("{{name: {name}}}")).unwrap(),
+            serde_yaml::from_str(&format!("{{name: {name}{extra}}}")).unwrap(),
             Path::new("interop.yaml"),
         ),
     }
@@ -93,10 +101,10 @@ fn input(f: &Fixtures) -> Tensor<B, 4> {
 
 /// Loads `file` into backbone `name`, runs it in eval mode and returns the largest logit
 /// difference and the largest reference logit.
-fn logit_difference(name: &str, file: &Path, reference: &Reference) -> (f32, f32) {
+fn logit_difference(name: &str, extra: &str, file: &Path, reference: &Reference) -> (f32, f32) {
     let f = fixtures();
     let device = Default::default();
-    let model = Backbone::<B>::from_spec(&spec(name, f.classes), &device).unwrap();
+    let model = Backbone::<B>::from_spec(&spec_with(name, f.classes, extra), &device).unwrap();
     let model = import::load_into(model, file, &device).unwrap();
     let logits = model.forward(input(&f), BnMode::Eval, &[]).logits;
     let ours = logits.into_data().to_vec::<f32>().unwrap();
@@ -120,7 +128,7 @@ fn torchvision_resnet18_state_dict_gives_torchs_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let f = fixtures();
     let file = unpacked(tmp.path(), &f.resnet18_torchvision.file);
-    let (diff, scale) = logit_difference("ResNet18", &file, &f.resnet18_torchvision);
+    let (diff, scale) = logit_difference("ResNet18", TORCHVISION, &file, &f.resnet18_torchvision);
     assert!(
         scale > 0.1,
         "reference logits too small to tell anything: {scale}"
@@ -133,7 +141,7 @@ fn timm_resnet50d_safetensors_gives_timms_logits_as_resnet50_vd() {
     let tmp = tempfile::tempdir().unwrap();
     let f = fixtures();
     let file = unpacked(tmp.path(), &f.resnet50d_timm.file);
-    let (diff, scale) = logit_difference("ResNet50_vd", &file, &f.resnet50d_timm);
+    let (diff, scale) = logit_difference("ResNet50_vd", "", &file, &f.resnet50d_timm);
     assert!(
         scale > 0.1,
         "reference logits too small to tell anything: {scale}"
@@ -150,7 +158,7 @@ fn paddleclas_pplcnet_and_resnet_vd_pdparams_give_paddles_logits() {
         ("ResNet18_vd", &f.resnet18_vd),
     ] {
         let file = unpacked(tmp.path(), &reference.file);
-        let (diff, scale) = logit_difference(name, &file, reference);
+        let (diff, scale) = logit_difference(name, "", &file, reference);
         assert!(scale > 0.1, "{name}: reference logits too small: {scale}");
         assert!(
             diff <= TOL * scale.max(1.0),
@@ -160,7 +168,7 @@ fn paddleclas_pplcnet_and_resnet_vd_pdparams_give_paddles_logits() {
 }
 
 /// Maps a name → shape table and compares it with backbone `ours`' tensors exactly.
-fn assert_names_map(table: &BTreeMap<String, Vec<usize>>, ours: &str, expect: Naming) {
+fn assert_names_map(table: &BTreeMap<String, Vec<usize>>, ours: &str, extra: &str, expect: Naming) {
     let src: BTreeMap<String, NamedTensor> = table
         .iter()
         // Integer counters are skipped by the reader; only float tensors reach the mapping.
@@ -180,8 +188,11 @@ fn assert_names_map(table: &BTreeMap<String, Vec<usize>>, ours: &str, expect: Na
     assert_eq!(naming, expect, "{ours}");
     let mapped: BTreeMap<String, Vec<usize>> =
         mapped.into_iter().map(|(k, t)| (k, t.shape)).collect();
-    let model =
-        Backbone::<B>::from_spec(&spec(ours, fixtures().classes), &Default::default()).unwrap();
+    let model = Backbone::<B>::from_spec(
+        &spec_with(ours, fixtures().classes, extra),
+        &Default::default(),
+    )
+    .unwrap();
     // Our module paths start with the backbone variant (`ResNet.`, `PPLCNet.`, ...).
     let ours_shapes: BTreeMap<String, Vec<usize>> = weights::named_shapes(&model)
         .into_iter()
@@ -198,6 +209,7 @@ fn torchvision_resnet34_and_50_names_map_onto_ours_exactly() {
         assert_names_map(
             &f.torchvision_state_dict_shapes[theirs],
             ours,
+            TORCHVISION,
             Naming::Torchvision,
         );
     }
@@ -206,9 +218,9 @@ fn torchvision_resnet34_and_50_names_map_onto_ours_exactly() {
 #[test]
 fn paddleclas_state_dict_names_of_every_family_map_onto_ours_exactly() {
     let f = fixtures();
-    assert_eq!(f.paddleclas_state_dict_shapes.len(), 6);
+    assert_eq!(f.paddleclas_state_dict_shapes.len(), 8);
     for (name, table) in &f.paddleclas_state_dict_shapes {
-        assert_names_map(table, name, Naming::PaddleClas);
+        assert_names_map(table, name, "", Naming::PaddleClas);
     }
 }
 
@@ -219,7 +231,8 @@ fn a_file_for_another_model_is_refused_with_the_names() {
     let file = unpacked(tmp.path(), &f.resnet18_torchvision.file);
     let device = Default::default();
     // ResNet34 has more blocks: the missing ones are named, nothing is half-loaded.
-    let m = Backbone::<B>::from_spec(&spec("ResNet34", f.classes), &device).unwrap();
+    let m =
+        Backbone::<B>::from_spec(&spec_with("ResNet34", f.classes, TORCHVISION), &device).unwrap();
     let e = format!("{:#}", import::load_into(m, &file, &device).unwrap_err());
     assert!(
         e.contains("missing: ") && e.contains("ResNet.blocks.8.conv0.conv.weight"),
@@ -227,8 +240,13 @@ fn a_file_for_another_model_is_refused_with_the_names() {
     );
     assert!(e.contains("in all)"), "long lists are cut: {e}");
     assert!(e.contains("Torchvision"), "{e}");
+    // PaddleClas's ResNet18 (a projection in the first block) for torchvision's file: the
+    // error says which key fixes it.
+    let m = Backbone::<B>::from_spec(&spec("ResNet18", f.classes), &device).unwrap();
+    let e = format!("{:#}", import::load_into(m, &file, &device).unwrap_err());
+    assert!(e.contains("set `use_first_short_conv: False`"), "{e}");
     // Another class count: the head's shapes are named.
-    let m = Backbone::<B>::from_spec(&spec("ResNet18", 5), &device).unwrap();
+    let m = Backbone::<B>::from_spec(&spec_with("ResNet18", 5, TORCHVISION), &device).unwrap();
     let e = format!("{:#}", import::load_into(m, &file, &device).unwrap_err());
     assert!(
         e.contains("fc.weight: expected [512, 5], file has [512, 10]"),
@@ -271,7 +289,7 @@ fn pretrained_true_resolves_in_the_weights_directory_or_says_where_to_get_it() {
     std::fs::write(&want, b"").unwrap();
     assert_eq!(import::resolve_released(&s, tmp.path()).unwrap(), want);
     assert_eq!(
-        import::released_file_name(&spec("ResNet50_vd", 1000)),
+        import::released_file_name(&spec("ResNet50_vd", 1000)).unwrap(),
         "ResNet50_vd_pretrained.pdparams"
     );
 }
@@ -290,10 +308,12 @@ fn damaged_files_are_errors_not_panics() {
         let mut damaged: Vec<Vec<u8>> = (1..24)
             .map(|i| good[..good.len() * i / 24].to_vec())
             .collect();
-        // Flipped bytes in the first 4 KiB (zip headers, the pickle's opcodes and sizes).
-        for i in 0..24 {
+        // Flipped bytes in the first and the last 4 KiB (zip local headers and central
+        // directory, the pickle's opcodes and sizes).
+        for i in 0..48 {
             let mut d = good.clone();
             let at = (i * 167) % 4096;
+            let at = if i % 2 == 0 { at } else { good.len() - 1 - at };
             d[at] ^= 0xA5;
             damaged.push(d);
         }

@@ -8,7 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KD=${1:-target/debug/kd-launch}
-[ -x "$KD" ] || cargo build -p kd-launch
+if [ ! -x "$KD" ]; then
+  [ $# -eq 0 ] || { echo "check_onnx.sh: $KD is not an executable" >&2; exit 2; }
+  cargo build -p kd-launch
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 head -n 256 dataset/fashion-mnist/train_list.txt > "$work/train.txt"

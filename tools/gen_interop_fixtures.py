@@ -15,8 +15,8 @@ and the logits their own frameworks compute.
   and ResNet18_vd (10 classes, Paddle's default initialisation, seeded, then sparse large
   convolutions and random BatchNorm statistics), saved with paddle.save (.pdparams, the format of
   PaddleClas's released weights) and gzipped, and their eval-mode logits from Paddle; and the
-  names and shapes of PaddleClas's MobileNetV3 small/large, PPLCNet_x1_0, ResNet34/50_vd and ResNet50
-  state dicts.
+  names and shapes of PaddleClas's MobileNetV3 small/large, PPLCNet_x1_0, ResNet34/50_vd and
+  ResNet18/34/50 state dicts.
 
 Usage (repository root):
   python3 tools/gen_interop_fixtures.py [--paddleclas /path/to/PaddleClas]
@@ -159,7 +159,8 @@ def paddle_fixtures(x, paddleclas):
                        ("MobileNetV3_large_x1_0", mobilenet_v3.MobileNetV3_large_x1_0),
                        ("PPLCNet_x1_0", pp_lcnet.PPLCNet_x1_0),
                        ("ResNet34_vd", resnet.ResNet34_vd), ("ResNet50_vd", resnet.ResNet50_vd),
-                       ("ResNet50", resnet.ResNet50)]:
+                       ("ResNet50", resnet.ResNet50), ("ResNet18", resnet.ResNet18),
+                       ("ResNet34", resnet.ResNet34)]:
         shapes[name] = {k: list(v.shape) for k, v in ctor(class_num=CLASSES).state_dict().items()}
     out["paddleclas_state_dict_shapes"] = shapes
     return out

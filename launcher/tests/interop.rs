@@ -31,8 +31,19 @@ fn run_all(args: &[&str]) -> (bool, String) {
 }
 
 fn kd_config(dir: &Path, data: &Path, out: &Path, classes: usize, teacher: &str) -> String {
+    kd_config_with(dir, data, out, classes, teacher, "{name: resnet8}")
+}
+
+fn kd_config_with(
+    dir: &Path,
+    data: &Path,
+    out: &Path,
+    classes: usize,
+    teacher: &str,
+    student: &str,
+) -> String {
     let cfg = format!(
-        "{}Arch:\n  name: DistillationModel\n  class_num: {classes}\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {teacher}\n    - Student: {{name: resnet8}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n  Eval:\n    - CELoss: {{weight: 1.0}}\nMetric:\n  Eval:\n    - DistillationTopkAcc: {{model_key: Student, topk: [1, 2]}}\n{}",
+        "{}Arch:\n  name: DistillationModel\n  class_num: {classes}\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {teacher}\n    - Student: {student}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n  Eval:\n    - CELoss: {{weight: 1.0}}\nMetric:\n  Eval:\n    - DistillationTopkAcc: {{model_key: Student, topk: [1, 2]}}\n{}",
         global(out, 1),
         data_section(data)
     );
@@ -166,4 +177,50 @@ fn pretrained_true_loads_the_released_file_or_says_where_to_get_it() {
         "{log}"
     );
     assert!(log.contains("frozen model Teacher"), "{log}");
+}
+
+#[test]
+fn a_student_may_start_from_weights_for_another_class_count_a_teacher_may_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 4, 3);
+    let weights_dir = tmp.path().join("weights");
+    std::fs::create_dir_all(&weights_dir).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/interop/PPLCNet_x0_25_paddleclas.pdparams.gz");
+    let mut bytes = vec![];
+    flate2::read::GzDecoder::new(std::fs::File::open(fixture).unwrap())
+        .read_to_end(&mut bytes)
+        .unwrap();
+    std::fs::write(weights_dir.join("PPLCNet_x0_25_pretrained.pdparams"), bytes).unwrap();
+    let dir_opt = format!("Global.pretrained_dir={}", weights_dir.display());
+    // ImageNet-style weights (10 classes here) for a 3-class student: a fresh classifier.
+    let cfg = kd_config_with(
+        tmp.path(),
+        &data,
+        &tmp.path().join("out"),
+        3,
+        "{name: resnet8}",
+        "{name: PPLCNet_x0_25, pretrained: True}",
+    );
+    let (ok, log) = run_all(&["train", "-c", &cfg, "-o", &dir_opt]);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("PPLCNet.fc.weight has shape [1280, 10], the model [1280, 3]: the classifier keeps its initial weights"),
+        "{log}"
+    );
+    // The same file for a frozen 3-class teacher: refused, the head named.
+    let cfg = kd_config(
+        tmp.path(),
+        &data,
+        &tmp.path().join("out2"),
+        3,
+        "{name: PPLCNet_x0_25, pretrained: True}",
+    );
+    let (ok, log) = run_all(&["train", "-c", &cfg, "-o", &dir_opt]);
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("PPLCNet.fc.weight: expected [1280, 3], file has [1280, 10]"),
+        "{log}"
+    );
 }

@@ -156,7 +156,13 @@ impl<B: Backend> Backbone<B> {
                         )))
                     }
                 };
-                Backbone::ResNet(ResNet::new(k, spec.class_num, cifar_stem, device).map_err(err)?)
+                // PaddleClas's default; the CIFAR stem comes from the CRD/DKD repositories,
+                // whose ResNets (torchvision's) project only where the shape changes.
+                let first_short_conv = p.bool_or("use_first_short_conv", !cifar_stem)?;
+                Backbone::ResNet(
+                    ResNet::new(k, spec.class_num, cifar_stem, first_short_conv, device)
+                        .map_err(err)?,
+                )
             }
             Kind::PPLCNet { scale } => Backbone::PPLCNet(PPLCNet::new(
                 scale,
@@ -322,6 +328,7 @@ fn reject_non_default(spec: &ModelSpec) -> Result<()> {
         "return_stages",
         "stages_pattern",
         "stem",
+        "use_first_short_conv",
         "dropout_prob",
         "class_expand",
         "use_last_conv",
@@ -391,8 +398,14 @@ mod tests {
     /// leaving out conv and fc biases: 5.474M / 2.936M).
     #[test]
     fn parameter_counts_match_the_reference_architectures() {
-        assert_eq!(params("ResNet18", 1000, ""), 11_689_512);
-        assert_eq!(params("ResNet34", 1000, ""), 21_797_672);
+        let torchvision = ", use_first_short_conv: False";
+        assert_eq!(params("ResNet18", 1000, torchvision), 11_689_512);
+        assert_eq!(params("ResNet34", 1000, torchvision), 21_797_672);
+        assert_eq!(params("ResNet50", 1000, torchvision), 25_557_032);
+        // PaddleClas's default adds a 64→64 1×1 conv + BatchNorm to the first block of
+        // ResNet18/34 (4,096 + 128 parameters); ResNet50's first block projects anyway.
+        assert_eq!(params("ResNet18", 1000, ""), 11_689_512 + 4_224);
+        assert_eq!(params("ResNet34", 1000, ""), 21_797_672 + 4_224);
         assert_eq!(params("ResNet50", 1000, ""), 25_557_032);
         assert_eq!(params("resnet8x4", 100, ""), 1_233_540);
         assert_eq!(params("resnet32x4", 100, ""), 7_433_860);

@@ -314,8 +314,11 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             .with_context(ctx)?;
         } else {
             let m = self.trainable.models[slot.index].clone();
+            // A trained model may start from weights for another class count (ImageNet
+            // weights, a new task): its classifier then starts fresh, as in PaddleClas. A frozen
+            // model's must fit — a teacher with a random head teaches nothing.
             self.trainable.models[slot.index] = if foreign {
-                import::load_into(m, file, device)
+                import::load_into_with(m, file, device, true)
             } else {
                 load_checked(m, file, device)
             }

@@ -7,7 +7,10 @@
 //!   `version="vd"`): a stem of three 3×3 Conv+BN+ReLU (3→32 stride 2, 32→32, 32→64), and a
 //!   1×1 projection on the first block of every stage (PaddleClas's `use_first_short_conv`),
 //!   preceded by a 2×2/2 average pool (ceil mode, padding excluded) except in the first stage,
-//!   whose projection is a plain stride-1 1×1 conv ("if_first"). ResNet50_vd is 25.58M params.
+//!   whose projection is a plain stride-1 1×1 conv ("if_first").
+//! * Both follow PaddleClas's `use_first_short_conv` (default true: the first block of the first
+//!   stage projects even where its shape does not change); `use_first_short_conv: False` gives
+//!   torchvision's ResNet18/34 and timm's resnet18d/34d. ResNet50_vd is 25.58M params.
 //! * CIFAR ResNets of the CRD/DKD benchmarks (resnet20/56, resnet8x4/32x4): 3×3 stem, three stages
 //!   of `(depth-2)/6` basic blocks.
 
@@ -38,6 +41,9 @@ enum Shortcut {
     Plain,
     /// PaddleClas vd: always a projection; average-pooled unless `first` (the first stage's).
     Vd { first: bool },
+    /// PaddleClas's `use_first_short_conv` on a plain ResNet: a strided 1×1 projection even where
+    /// the shape does not change (the first block of the first stage).
+    Always,
 }
 
 impl Shortcut {
@@ -52,6 +58,10 @@ impl Shortcut {
             Shortcut::Plain => (
                 (stride != 1 || cin != cout)
                     .then(|| ConvBn::new(cin, cout, 1, stride, Act::None, device)),
+                false,
+            ),
+            Shortcut::Always => (
+                Some(ConvBn::new(cin, cout, 1, stride, Act::None, device)),
                 false,
             ),
             // A stride-1 vd projection that is not the first stage's would pool with stride 1
@@ -138,10 +148,15 @@ pub struct ResNet<B: Backend> {
 
 impl<B: Backend> ResNet<B> {
     /// `cifar_stem` only affects ImageNet-kind networks (CIFAR ones always have the 3×3 stem).
+    /// `first_short_conv` is PaddleClas's `use_first_short_conv`: the first block of the first
+    /// stage gets a 1×1 projection even where its shape does not change (PaddleClas's default;
+    /// torchvision's and timm's ResNets have none there). It matters for the basic-block
+    /// ResNets (18, 34): a bottleneck's first block changes width and always projects.
     pub fn new(
         kind: ResNetKind,
         class_num: usize,
         cifar_stem: bool,
+        first_short_conv: bool,
         device: &B::Device,
     ) -> Result<Self, String> {
         let mut blocks = vec![];
@@ -179,8 +194,10 @@ impl<B: Backend> ResNet<B> {
                     let width = 64 << stage;
                     for i in 0..n {
                         let stride = if i == 0 && stage > 0 { 2 } else { 1 };
-                        let sc = match (vd, i) {
-                            (true, 0) => Shortcut::Vd { first: stage == 0 },
+                        let sc = match (vd, i, stage) {
+                            (_, 0, 0) if !first_short_conv => Shortcut::Plain,
+                            (true, 0, _) => Shortcut::Vd { first: stage == 0 },
+                            (false, 0, 0) => Shortcut::Always,
                             _ => Shortcut::Plain,
                         };
                         if bottleneck {

@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 pub const OPSET: i64 = 17;
-/// ONNX IR version 8 (ONNX 1.10+), which every onnxruntime since 1.10 reads.
+/// ONNX IR version 8 (ONNX 1.10+); with opset 17 the model needs onnxruntime 1.12 or later.
 const IR_VERSION: i64 = 8;
 
 /// A protobuf message being written.

@@ -29,7 +29,7 @@ pub enum Format {
 }
 
 impl Format {
-    /// By extension: `.pth`/`.pt`/`.bin`, `.pdparams`, `.safetensors`.
+    /// By extension: `.pth`/`.pt`/`.bin`/`.ckpt`, `.pdparams`, `.safetensors`.
     pub fn of(path: &Path) -> Option<Self> {
         match path.extension()?.to_str()? {
             "pth" | "pt" | "bin" | "ckpt" => Some(Format::Torch),
@@ -74,7 +74,7 @@ impl Naming {
 pub fn read(path: &Path) -> Result<tensors::FileTensors> {
     let format = Format::of(path).with_context(|| {
         format!(
-            "{}: unknown weight format (expected .mpk, .pth/.pt, .pdparams or .safetensors)",
+            "{}: unknown weight format (expected .mpk, .pth/.pt/.bin/.ckpt, .pdparams or .safetensors)",
             path.display()
         )
     })?;
@@ -224,6 +224,18 @@ pub fn load_into<B: Backend>(
     file: &Path,
     device: &B::Device,
 ) -> Result<Backbone<B>> {
+    load_into_with(model, file, device, false)
+}
+
+/// [`load_into`]; with `new_head`, a classifier (`fc`) whose shape differs from the file's keeps
+/// its fresh initialisation (with a warning) — what PaddleClas does when ImageNet weights
+/// start a model for another class count. Every other weight must still come from the file.
+pub fn load_into_with<B: Backend>(
+    model: Backbone<B>,
+    file: &Path,
+    device: &B::Device,
+    new_head: bool,
+) -> Result<Backbone<B>> {
     let read = read(file)?;
     let (naming, named) = to_kd_names(read.tensors);
     // Module paths start with the backbone's variant (`ResNet.blocks.0…`); files do not, except
@@ -242,8 +254,42 @@ pub fn load_into<B: Backend>(
             .map(|(k, t)| (format!("{prefix}{k}"), t))
             .collect()
     };
+    let mut named = named;
+    if new_head {
+        let own = weights::named_tensors(&model);
+        for head in ["fc.weight", "fc.bias"].map(|h| format!("{prefix}{h}")) {
+            if let (Some(mine), Some(theirs)) = (own.get(&head), named.get(&head)) {
+                if mine.shape != theirs.shape {
+                    tracing::warn!(
+                        "{}: {head} has shape {:?}, the model {:?}: the classifier keeps its \
+                         initial weights (another class count)",
+                        file.display(),
+                        theirs.shape,
+                        mine.shape
+                    );
+                    named.insert(head, mine.clone());
+                }
+            }
+        }
+    }
+    // The one structural difference between the projects' ResNet18/34: a projection in the
+    // first block (PaddleClas's `use_first_short_conv`). Say so rather than list its names.
+    let first_projection = format!("{prefix}blocks.0.short.conv.weight");
+    let model_has = weights::named_shapes(&model).contains_key(&first_projection);
+    let file_has = named.contains_key(&first_projection);
+    let hint = match (model_has, file_has) {
+        (true, false) => {
+            "; the file's ResNet has no projection in its first block (torchvision's \
+             and timm's layout): set `use_first_short_conv: False` on this model"
+        }
+        (false, true) => {
+            "; the file's ResNet has a projection in its first block (PaddleClas's \
+             layout): set `use_first_short_conv: True` on this model"
+        }
+        _ => "",
+    };
     let model = weights::load_named(model, &named, device)
-        .with_context(|| format!("{} (read as {naming:?} names)", file.display()))?;
+        .with_context(|| format!("{} (read as {naming:?} names){hint}", file.display()))?;
     tracing::debug!(
         "{}: {naming:?} names, {} tensors, skipped {:?}",
         file.display(),
@@ -259,13 +305,16 @@ pub const PADDLECLAS_URL: &str =
 
 /// The file name of the released weights `pretrained: True` asks for (PaddleClas's naming:
 /// `<Backbone>_pretrained.pdparams`, `<Backbone>_ssld_pretrained.pdparams` with `use_ssld`).
-pub fn released_file_name(spec: &ModelSpec) -> String {
-    let ssld = spec.params.bool_or("use_ssld", false).unwrap_or(false);
-    format!(
+pub fn released_file_name(spec: &ModelSpec) -> Result<String> {
+    let ssld = spec
+        .params
+        .bool_or("use_ssld", false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(format!(
         "{}{}_pretrained.pdparams",
         spec.name,
         if ssld { "_ssld" } else { "" }
-    )
+    ))
 }
 
 /// The local directory of released weights: `KD_LAUNCH_WEIGHTS`, else
@@ -285,7 +334,7 @@ pub fn default_weights_dir() -> PathBuf {
 /// Resolves `pretrained: True` to the released file in `dir`; nothing is downloaded, so a
 /// missing file is an error saying which file, where, and where to get it.
 pub fn resolve_released(spec: &ModelSpec, dir: &Path) -> Result<PathBuf> {
-    let name = released_file_name(spec);
+    let name = released_file_name(spec)?;
     let file = dir.join(&name);
     if file.is_file() {
         return Ok(file);

@@ -3,7 +3,8 @@
 //! describe data. `torch.save` and `paddle.save` both write pickles; the callers interpret the
 //! few calls they use (`torch._utils._rebuild_tensor_v2`, numpy's `_reconstruct`, ...).
 //!
-//! The opcodes are those of protocols 0–5 that those writers emit; any other is an error naming
+//! The opcodes are those of protocols 0–5 that these writers emit (not the text-mode `S`/`V`,
+//! `i`/`o`, NEWOBJ_EX, extension codes or out-of-band buffers); any other is an error naming
 //! the opcode and its offset.
 
 use anyhow::{anyhow, bail, Result};
@@ -27,12 +28,12 @@ pub enum Value {
     Global(Rc<str>, Rc<str>),
     /// `func(*args)` (REDUCE, NEWOBJ), not called; `state` is what BUILD gave it.
     Call {
-        func: Box<Value>,
+        func: Rc<Value>,
         args: Rc<[Value]>,
         state: Rc<RefCell<Option<Value>>>,
     },
     /// A persistent id (torch: the storage a tensor's bytes live in).
-    Persistent(Box<Value>),
+    Persistent(Rc<Value>),
 }
 
 impl Value {
@@ -195,6 +196,9 @@ pub fn load(data: &[u8]) -> Result<Value> {
         }
     }
     fn set_items(target: &Value, kv: Vec<Value>) -> Result<()> {
+        if kv.len() % 2 != 0 {
+            bail!("malformed pickle: a dict item without a value");
+        }
         let pairs = kv.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone()));
         match target {
             Value::Dict(d) => d.borrow_mut().extend(pairs),
@@ -213,7 +217,7 @@ pub fn load(data: &[u8]) -> Result<Value> {
     fn append(target: &Value, items: Vec<Value>) -> Result<()> {
         match target {
             Value::List(l) => l.borrow_mut().extend(items),
-            other => bail!("malformed pickle: APPEND on a {}", other.kind()),
+            other => bail!("malformed pickle: APPEND/ADDITEMS on a {}", other.kind()),
         }
         Ok(())
     }
@@ -308,7 +312,7 @@ pub fn load(data: &[u8]) -> Result<Value> {
                 let v = r.utf8(n)?;
                 stack.push(Slot::V(v))
             }
-            // Python 2 strings (protocol 2 numpy data): bytes.
+            // Bytes (and Python 2's byte strings, which weight files do not use for names).
             b'U' | b'T' | b'C' | b'B' | 0x8e | 0x96 => {
                 let n = match op {
                     b'U' | b'C' => r.u8()? as usize,
@@ -416,7 +420,7 @@ pub fn load(data: &[u8]) -> Result<Value> {
                     anyhow!("malformed pickle: call arguments are a {}", args.kind())
                 })?;
                 stack.push(Slot::V(Value::Call {
-                    func: Box::new(func),
+                    func: Rc::new(func),
                     args: args.into(),
                     state: Default::default(),
                 }))
@@ -439,14 +443,16 @@ pub fn load(data: &[u8]) -> Result<Value> {
             }
             b'Q' => {
                 let pid = pop(&mut stack)?;
-                stack.push(Slot::V(Value::Persistent(Box::new(pid))))
+                stack.push(Slot::V(Value::Persistent(Rc::new(pid))))
             }
             b'P' => {
                 let pid = r.line()?;
-                stack.push(Slot::V(Value::Persistent(Box::new(Value::Str(pid.into())))))
+                stack.push(Slot::V(Value::Persistent(Rc::new(Value::Str(pid.into())))))
             }
             b'0' => {
-                stack.pop();
+                if stack.pop().is_none() {
+                    bail!("malformed pickle: POP on an empty stack");
+                }
             }
             b'2' => {
                 let v = pop(&mut stack)?;

@@ -135,7 +135,10 @@ fn gather(
             .checked_add(1)
             .and_then(|l| l.checked_mul(dtype.size()))
             .ok_or_else(past)?;
-        if end > bytes.len() {
+        // A state dict's tensors are dense: more elements than the storage holds means
+        // a damaged size or stride (and would be a huge allocation).
+        let dense = count.checked_mul(dtype.size()).ok_or_else(past)?;
+        if end > bytes.len() || dense > bytes.len() {
             return Err(past());
         }
     }
@@ -228,15 +231,16 @@ pub fn read_torch(bytes: &[u8]) -> Result<FileTensors> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).context("reading the zip")?;
     let pkl = zip
         .file_names()
-        .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
+        .find(|n| matches!(n.split_once('/'), Some((_, "data.pkl"))))
         .map(str::to_string)
         .ok_or_else(|| anyhow!("the zip has no <name>/data.pkl: not a torch.save file"))?;
-    let prefix = pkl.trim_end_matches("data.pkl").to_string();
+    let prefix = format!("{}/", pkl.split_once('/').expect("matched above").0);
     let read = |zip: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>, name: &str| -> Result<Vec<u8>> {
         let mut f = zip
             .by_name(name)
             .with_context(|| format!("entry {name} missing from the zip"))?;
-        let mut v = Vec::with_capacity(f.size() as usize);
+        // The size is the file's claim: bound the reservation by what can be in it.
+        let mut v = Vec::with_capacity((f.size() as usize).min(bytes.len()));
         f.read_to_end(&mut v)?;
         Ok(v)
     };
@@ -276,7 +280,11 @@ pub fn read_torch(bytes: &[u8]) -> Result<FileTensors> {
             bail!("{}: unexpected storage id", ctx());
         };
         let dtype = DType::torch_storage(storage_type).with_context(ctx)?;
-        let offset = args[1].as_int().unwrap_or(0) as usize;
+        let offset = args[1]
+            .as_int()
+            .filter(|&o| o >= 0)
+            .ok_or_else(|| anyhow!("{}: storage offset is not a non-negative integer", ctx()))?
+            as usize;
         let shape = ints(&args[2], "size").with_context(ctx)?;
         let stride = ints(&args[3], "stride").with_context(ctx)?;
         if matches!(dtype, DType::Other(_)) {
@@ -374,9 +382,14 @@ fn numpy_array(v: &Value) -> Result<Option<NamedTensor>> {
     let n = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .and_then(|n| n.checked_mul(dtype.size()))
-        .ok_or_else(|| anyhow!("numpy array of shape {shape:?} is too large"))?
-        / dtype.size();
+        .filter(|n| n.checked_mul(dtype.size()).is_some())
+        .ok_or_else(|| anyhow!("numpy array of shape {shape:?} is too large"))?;
+    if n == 0 {
+        return Ok(Some(NamedTensor {
+            shape,
+            values: vec![],
+        }));
+    }
     if data.len() != n * dtype.size() {
         bail!(
             "numpy array of shape {shape:?} holds {} bytes, expected {}",
