@@ -196,7 +196,7 @@ pub fn load(data: &[u8]) -> Result<Value> {
         }
     }
     fn set_items(target: &Value, kv: Vec<Value>) -> Result<()> {
-        if kv.len() % 2 != 0 {
+        if !kv.len().is_multiple_of(2) {
             bail!("malformed pickle: a dict item without a value");
         }
         let pairs = kv.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone()));
