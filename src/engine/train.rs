@@ -244,22 +244,27 @@ pub fn train<B: AutodiffBackend>(
     // The frozen teacher is scored before step 1: a teacher at chance level (weights not
     // loaded, or for other data) is the "loss flat at ln(classes)" failure, cheap to catch here.
     if g.teacher_check_batches > 0 && cfg.eval_data.is_some() {
-        let built;
-        let data = match &eval_data {
-            Some(d) => d,
-            None => {
-                built = EvalData::new(cfg, rank, world)?;
-                &built
-            }
+        // With evaluation off, its data may be absent: then there is nothing to check on.
+        let built = match &eval_data {
+            Some(_) => None,
+            None => match EvalData::new(cfg, rank, world) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!("frozen-model check skipped: no eval data ({e:#})");
+                    None
+                }
+            },
         };
-        // Every rank checks its own shard; rank 0 speaks for them.
-        super::evaluate::check_teachers(
-            &model,
-            data,
-            g.teacher_check_batches,
-            &device,
-            opts.collective.is_main(),
-        )?;
+        if let Some(data) = eval_data.as_ref().or(built.as_ref()) {
+            // Every rank checks its own shard; rank 0 speaks for them.
+            super::evaluate::check_teachers(
+                &model,
+                data,
+                g.teacher_check_batches,
+                &device,
+                opts.collective.is_main(),
+            )?;
+        }
     }
     let train_metrics = metric_specs(&cfg.train_metric, &cfg.arch.infer_model_name);
     let progress = opts
