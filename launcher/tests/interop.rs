@@ -10,7 +10,7 @@ use kd_engine::arch::Backbone;
 use kd_engine::burn::backend::Flex;
 use kd_engine::config::{ModelSpec, Node, Pretrained};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Runs kd-launch; returns (success, stdout + stderr).
@@ -112,14 +112,12 @@ fn teacher_check_calls_out_a_teacher_at_chance_and_reports_a_real_one() {
     assert!(!log.contains("about chance"), "{log}");
 }
 
-#[test]
-fn pretrained_true_loads_the_released_file_or_says_where_to_get_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
+/// A 3-class dataset under `root/data`, and PaddleClas's PPLCNet_x0_25 (10 classes, as written
+/// by paddle.save) under the released file's name in `root/weights`.
+fn data_and_released_weights(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let data = root.join("data");
     make_dataset(&data, 4, 3);
-    // PaddleClas's PPLCNet_x0_25 (10 classes) as written by paddle.save, under the name of the
-    // released file.
-    let weights_dir = tmp.path().join("weights");
+    let weights_dir = root.join("weights");
     std::fs::create_dir_all(&weights_dir).unwrap();
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/data/interop/PPLCNet_x0_25_paddleclas.pdparams.gz");
@@ -129,6 +127,13 @@ fn pretrained_true_loads_the_released_file_or_says_where_to_get_it() {
         .unwrap();
     let released = weights_dir.join("PPLCNet_x0_25_pretrained.pdparams");
     std::fs::write(&released, bytes).unwrap();
+    (data, weights_dir, released)
+}
+
+#[test]
+fn pretrained_true_loads_the_released_file_or_says_where_to_get_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, weights_dir, released) = data_and_released_weights(tmp.path());
     let cfg = kd_config(
         tmp.path(),
         &data,
@@ -182,17 +187,7 @@ fn pretrained_true_loads_the_released_file_or_says_where_to_get_it() {
 #[test]
 fn a_student_may_start_from_weights_for_another_class_count_a_teacher_may_not() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    make_dataset(&data, 4, 3);
-    let weights_dir = tmp.path().join("weights");
-    std::fs::create_dir_all(&weights_dir).unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data/interop/PPLCNet_x0_25_paddleclas.pdparams.gz");
-    let mut bytes = vec![];
-    flate2::read::GzDecoder::new(std::fs::File::open(fixture).unwrap())
-        .read_to_end(&mut bytes)
-        .unwrap();
-    std::fs::write(weights_dir.join("PPLCNet_x0_25_pretrained.pdparams"), bytes).unwrap();
+    let (data, weights_dir, _) = data_and_released_weights(tmp.path());
     let dir_opt = format!("Global.pretrained_dir={}", weights_dir.display());
     // ImageNet-style weights (10 classes here) for a 3-class student: a fresh classifier.
     let cfg = kd_config_with(
