@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ONNX export checked in onnxruntime: for each backbone family a student trains one short epoch on
-# 256 Fashion-MNIST images at a low rate (so its logits are not blown up; ResNet50 diverges at 0.02), is exported, and `kd-launch infer` on
-# 32 validation images is compared with onnxruntime on the same images (tools/check_onnx.py,
-# logits and top-k scores within 1e-4). Needs `pip install onnxruntime numpy pillow`.
+# 256 Fashion-MNIST images at a low rate (ResNet50's logits blow up at 0.02), is exported, and
+# `kd-launch infer` on 32 validation images is compared with onnxruntime on the same images
+# (tools/check_onnx.py: logits and top-k scores within 1e-4). Needs `pip install onnxruntime
+# numpy pillow`.
 #
 # Usage: tools/check_onnx.sh [path/to/kd-launch]   (default: target/debug/kd-launch, built by the tests)
 set -euo pipefail
