@@ -181,10 +181,10 @@ pub fn check_teachers<B: AutodiffBackend>(
             chance: 1.0 / slot.spec.class_num.max(1) as f64,
         })
         .collect();
-    if samples == 0 || !log {
-        return Ok(if samples == 0 { vec![] } else { checks });
+    if samples == 0 {
+        return Ok(vec![]);
     }
-    for c in &checks {
+    for c in checks.iter().filter(|_| log) {
         if c.at_chance() {
             tracing::warn!(
                 "frozen model {} scores top-1 {:.4} on {} eval images, about chance ({:.4}): its weights are \
@@ -286,4 +286,29 @@ pub fn eval_command<B: AutodiffBackend>(
         epoch,
         opts.collective.as_mut(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TeacherCheck;
+
+    fn check(top1: f64, classes: usize) -> bool {
+        TeacherCheck {
+            model: "Teacher".into(),
+            top1,
+            samples: 100,
+            chance: 1.0 / classes as f64,
+        }
+        .at_chance()
+    }
+
+    #[test]
+    fn chance_level_is_within_half_again_of_guessing_or_a_tenth_of_the_way_up() {
+        // 1000 classes: 1.5 × 0.001.
+        assert!(check(0.0015, 1000) && !check(0.002, 1000));
+        // 10 classes: 0.15.
+        assert!(check(0.15, 10) && !check(0.16, 10));
+        // 2 classes: 0.55, not 0.75 (a 70 % teacher teaches something).
+        assert!(check(0.55, 2) && !check(0.56, 2) && !check(0.70, 2));
+    }
 }
