@@ -236,27 +236,3 @@ pub fn save_safetensors(
         .collect::<Result<_>>()?;
     Ok(safetensors::serialize(views, metadata)?)
 }
-
-/// Reads an f32 safetensors file into named tensors.
-pub fn load_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, NamedTensor>> {
-    let st = safetensors::SafeTensors::deserialize(bytes)?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            bail!("tensor {name} is {:?}; only F32 is supported", view.dtype());
-        }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.insert(
-            name,
-            NamedTensor {
-                shape: view.shape().to_vec(),
-                values,
-            },
-        );
-    }
-    Ok(out)
-}

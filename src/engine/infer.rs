@@ -125,8 +125,9 @@ impl<B: Backend> Predictor<B> {
         let wfile = dir.join(WEIGHTS_FILE);
         let bytes =
             std::fs::read(&wfile).with_context(|| format!("cannot read {}", wfile.display()))?;
-        let tensors = weights::load_safetensors(&bytes)
-            .with_context(|| format!("{} is not a valid safetensors file", wfile.display()))?;
+        let tensors = crate::arch::import::tensors::read_safetensors(&bytes)
+            .with_context(|| format!("{} is not a valid safetensors file", wfile.display()))?
+            .tensors;
         let model = weights::load_named(model, &tensors, device)
             .with_context(|| format!("loading {}", wfile.display()))?;
         let transforms =

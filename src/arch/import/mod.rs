@@ -240,13 +240,14 @@ pub fn load_into_with<B: Backend>(
     let (naming, named) = to_kd_names(read.tensors);
     // Module paths start with the backbone's variant (`ResNet.blocks.0…`); files do not, except
     // kd-launch's own exports.
-    let variant = weights::named_shapes(&model)
+    let own = weights::named_shapes(&model);
+    let variant = own
         .keys()
         .next()
         .and_then(|k| k.split('.').next().map(str::to_string))
         .unwrap_or_default();
     let prefix = format!("{variant}.");
-    let named: BTreeMap<String, NamedTensor> = if named.keys().all(|k| k.starts_with(&prefix)) {
+    let mut named: BTreeMap<String, NamedTensor> = if named.keys().all(|k| k.starts_with(&prefix)) {
         named
     } else {
         named
@@ -254,20 +255,20 @@ pub fn load_into_with<B: Backend>(
             .map(|(k, t)| (format!("{prefix}{k}"), t))
             .collect()
     };
-    let mut named = named;
     if new_head {
-        let own = weights::named_tensors(&model);
         for head in ["fc.weight", "fc.bias"].map(|h| format!("{prefix}{h}")) {
             if let (Some(mine), Some(theirs)) = (own.get(&head), named.get(&head)) {
-                if mine.shape != theirs.shape {
+                if *mine != theirs.shape {
                     tracing::warn!(
                         "{}: {head} has shape {:?}, the model {:?}: the classifier keeps its \
                          initial weights (another class count)",
                         file.display(),
                         theirs.shape,
-                        mine.shape
+                        mine
                     );
-                    named.insert(head, mine.clone());
+                    // Rare: only then are the model's values read out.
+                    let initial = weights::named_tensors(&model).remove(&head);
+                    named.insert(head, initial.expect("the model has its own head"));
                 }
             }
         }
@@ -275,7 +276,7 @@ pub fn load_into_with<B: Backend>(
     // The one structural difference between the projects' ResNet18/34: a projection in the
     // first block (PaddleClas's `use_first_short_conv`). Say so rather than list its names.
     let first_projection = format!("{prefix}blocks.0.short.conv.weight");
-    let model_has = weights::named_shapes(&model).contains_key(&first_projection);
+    let model_has = own.contains_key(&first_projection);
     let file_has = named.contains_key(&first_projection);
     let hint = match (model_has, file_has) {
         (true, false) => {
