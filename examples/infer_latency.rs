@@ -3,10 +3,10 @@
 //! other). Random input; the median over `--runs` after `--warmup` runs; preprocessing excluded.
 //! Run: `cargo run --release --example infer_latency -- --model DIR --batch 32 --size 224`.
 
-use kd_engine::arch::BnMode;
 use kd_engine::burn::backend::Flex;
 use kd_engine::burn::tensor::{Distribution, Tensor};
 use kd_engine::engine::infer::Predictor;
+use kd_engine::nn::BnMode;
 use std::path::Path;
 use std::time::Instant;
 

@@ -6,12 +6,14 @@
 //! loaded; `--size` and `--batch` set the input), e.g. to compare the cost of distillation losses:
 //! `cargo run --release --example kd_step -- --config configs/quickstart/dkd.yaml --size 28`.
 
-use kd_engine::arch::{layers, DistillationModel, TrainableSet};
+use kd_engine::arch::DistillationModel;
 use kd_engine::burn::optim::{GradientsParams, Optimizer};
 use kd_engine::burn::tensor::{Distribution, Int, Tensor, TensorData};
 use kd_engine::config::Config;
+use kd_engine::engine::trainable::TrainableSet;
 use kd_engine::engine::CpuBackend as B;
 use kd_engine::loss::{CombinedLoss, LossContext};
+use kd_engine::nn::layers;
 use std::path::Path;
 use std::time::Instant;
 
@@ -53,7 +55,7 @@ fn main() -> anyhow::Result<()> {
     let device = Default::default();
     let mut model = DistillationModel::<B>::new(&cfg.arch, false, &device)?;
     let loss = CombinedLoss::new(&cfg.train_loss, &cfg.arch)?;
-    model.trainable.loss_parts = loss.init_parts(&device);
+    let mut loss_parts = loss.init_parts(&device);
     let mut optim = kd_engine::burn::optim::SgdConfig::new()
         .with_momentum(Some(
             kd_engine::burn::optim::momentum::MomentumConfig::new()
@@ -81,14 +83,17 @@ fn main() -> anyhow::Result<()> {
             labels: y,
             epoch: 1,
             default_model: &cfg.arch.infer_model_name,
-            parts: &model.trainable.loss_parts,
-            mode: kd_engine::arch::BnMode::Train,
+            parts: &loss_parts,
+            mode: kd_engine::nn::BnMode::Train,
             seed: 0,
             step: step as u64,
         })?;
         last = values.total.clone().into_data().to_vec::<f32>().unwrap()[0];
-        let grads = GradientsParams::from_grads(values.total.backward(), &model.trainable);
-        model.trainable = optim.step(0.1, model.trainable, grads);
+        let set = TrainableSet::take(&mut model, &mut loss_parts);
+        let grads = GradientsParams::from_grads(values.total.backward(), &set);
+        optim
+            .step(0.1, set, grads)
+            .put_back(&mut model, &mut loss_parts);
         let dt = start.elapsed().as_secs_f64();
         if step >= warmup {
             timed += dt;

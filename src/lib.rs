@@ -7,12 +7,15 @@
 //! processes: the launcher hands it a job and a [`dist::Collective`].
 
 pub mod arch;
+pub mod atomic;
 pub mod config;
 pub mod data;
-pub mod dist;
 pub mod engine;
 pub mod loss;
 pub mod metric;
+pub mod nn;
 pub mod optim;
+pub mod parallel;
+pub mod weights;
 
 pub use burn;

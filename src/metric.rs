@@ -1,5 +1,9 @@
 //! Metrics: running top-k accuracy and averages of logged values.
 
+use crate::arch::Outputs;
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
 use std::collections::BTreeMap;
 
 /// Running averages of named values, weighted by batch size (PaddleClas's `AverageMeter`).
@@ -49,6 +53,53 @@ impl Averages {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// Metric specs, defaulting to top-1/top-5 of the inference model.
+pub fn metric_specs(
+    specs: &[crate::config::MetricSpec],
+    infer_model: &str,
+) -> Vec<(String, Vec<usize>)> {
+    if specs.is_empty() {
+        return vec![(infer_model.to_string(), vec![1, 5])];
+    }
+    specs
+        .iter()
+        .map(|m| {
+            (
+                m.model_key
+                    .clone()
+                    .unwrap_or_else(|| infer_model.to_string()),
+                m.topk.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Adds top-k accuracies of `logits` to `avg`; the first metric's names are `top{k}`, later ones
+/// are prefixed with their model (`Teacher_top1`).
+pub fn add_topk<B: Backend>(
+    avg: &mut Averages,
+    outputs: &Outputs<B>,
+    labels: &Tensor<B, 1, Int>,
+    specs: &[(String, Vec<usize>)],
+) -> Result<()> {
+    for (i, (model, ks)) in specs.iter().enumerate() {
+        let out = outputs
+            .get(model)
+            .with_context(|| format!("Metric: no model named {model:?}"))?;
+        let n = labels.dims()[0];
+        let correct = crate::loss::functional::topk_correct(out.logits.clone(), labels.clone(), ks);
+        for (k, c) in ks.iter().zip(correct) {
+            let name = if i == 0 {
+                format!("top{k}")
+            } else {
+                format!("{model}_top{k}")
+            };
+            avg.add(&name, c as f64 / n as f64, n);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

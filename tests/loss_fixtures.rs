@@ -447,10 +447,10 @@ fn pefd_matches_reference() {
 
 #[test]
 fn afd_matches_reference() {
-    use kd_engine::arch::layers::BatchNorm2d;
-    use kd_engine::arch::BnMode;
     use kd_engine::burn::module::Param;
     use kd_engine::loss::parts::{Afd, LinearBn};
+    use kd_engine::nn::layers::BatchNorm2d;
+    use kd_engine::nn::BnMode;
     let case = part_case("afd");
     let x = PartInputs { case: &case };
     let linear = |w: Tensor<B, 2>, b: Tensor<B, 1>| {

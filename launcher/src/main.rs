@@ -8,8 +8,8 @@ mod spawn;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kd_engine::config::Config;
-use kd_engine::dist::Rendezvous;
 use kd_engine::engine::{self, InferSource, RunOptions};
+use kd_engine::parallel::Rendezvous;
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -473,8 +473,8 @@ fn run(cli: &Cli) -> Result<i32> {
             spawn::run(&launch, &stop)
         }
         Role::Mpi { hostfile, np } => {
-            if !kd_engine::dist::MPI_AVAILABLE {
-                bail!("--hostfile: {}", kd_engine::dist::MPI_MISSING);
+            if !kd_engine::parallel::MPI_AVAILABLE {
+                bail!("--hostfile: {}", kd_engine::parallel::MPI_MISSING);
             }
             if let Some(a) = cli.command.config_args() {
                 load(a, None)?;
@@ -504,12 +504,12 @@ fn run_job(
         Device::Cpu => (Some("cpu"), 0),
         Device::Gpu(id) => (Some("gpu"), id),
     };
-    let collective = |cfg: &Config| -> Result<Box<dyn kd_engine::dist::Collective>> {
+    let collective = |cfg: &Config| -> Result<Box<dyn kd_engine::parallel::Collective>> {
         // NCCL refuses two ranks on one GPU; KD_GPU_COLLECTIVE=host sends GPU workers'
         // gradients over the rendezvous connections instead (e.g. to test on one GPU).
         let nccl = cfg.global.device == kd_engine::config::DeviceKind::Gpu
             && std::env::var("KD_GPU_COLLECTIVE").as_deref() != Ok("host");
-        kd_engine::dist::connect(&rendezvous, nccl, local_device)
+        kd_engine::parallel::connect(&rendezvous, nccl, local_device)
     };
     let single = rendezvous == Rendezvous::Single;
     if !single {
@@ -545,7 +545,7 @@ fn run_job(
         tracing::info!("rank {rank}: this command runs on rank 0 only");
         return Ok(0);
     }
-    let opts = |collective: Box<dyn kd_engine::dist::Collective>| RunOptions {
+    let opts = |collective: Box<dyn kd_engine::parallel::Collective>| RunOptions {
         stop: stop.clone(),
         collective,
         progress: single && std::io::stdout().is_terminal(),
@@ -585,7 +585,7 @@ fn run_job(
         }
         Command::Export(a) => {
             let cfg = load(a, device_override)?;
-            let dir = engine::run_export(&cfg, opts(Box::new(kd_engine::dist::SingleProcess)))?;
+            let dir = engine::run_export(&cfg, opts(Box::new(kd_engine::parallel::SingleProcess)))?;
             println!(
                 "exported model {} to {}",
                 cfg.arch.infer_model_name,
@@ -600,7 +600,7 @@ fn run_job(
             logits,
         } => {
             engine::init_cpu_threads(threads);
-            let opts = opts(Box::new(kd_engine::dist::SingleProcess));
+            let opts = opts(Box::new(kd_engine::parallel::SingleProcess));
             let results = match (config, model) {
                 (_, Some(dir)) => {
                     if matches!(device, Device::Gpu(_)) {

@@ -32,8 +32,8 @@ pub fn run(
     threads: Option<usize>,
     interrupted: &AtomicBool,
 ) -> Result<i32> {
-    if !kd_engine::dist::MPI_AVAILABLE {
-        bail!("--hostfile: {}", kd_engine::dist::MPI_MISSING);
+    if !kd_engine::parallel::MPI_AVAILABLE {
+        bail!("--hostfile: {}", kd_engine::parallel::MPI_MISSING);
     }
     if !hostfile.is_file() {
         bail!(

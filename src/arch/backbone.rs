@@ -1,12 +1,12 @@
 //! The backbone registry: config names (`Arch.name` / `Arch.models[i].<Key>.name`) to networks,
 //! their config keys, and their feature taps.
 
-use super::layers::BnMode;
 use super::mobilenet_v3::{MobileNetV3, MobileNetV3Size};
 use super::pplcnet::PPLCNet;
 use super::resnet::{ResNet, ResNetKind};
 use super::ModelOutput;
 use crate::config::ModelSpec;
+use crate::nn::layers::BnMode;
 use anyhow::{anyhow, Result};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -674,7 +674,7 @@ mod tests {
     /// Paddle's `downscale_in_infer` dropout: no rescaling in training, × (1 - p) in evaluation.
     #[test]
     fn paddle_dropout_scales_at_inference_only() {
-        let d = super::super::layers::PaddleDropout { prob: 0.25 };
+        let d = crate::nn::layers::PaddleDropout { prob: 0.25 };
         let x = Tensor::<Flex, 2>::ones([64, 64], &Default::default());
         let eval: Vec<f32> = d
             .forward(x.clone(), BnMode::Eval)

@@ -9,11 +9,11 @@
 //! gate is `hardsigmoid(x, slope=0.2, offset=0.5)`. Widths scale by `make_divisible(c · scale)`.
 //! MobileNetV3_large_x1_0 has 5.48M trainable parameters at 1000 classes, small_x1_0 2.94M.
 
-use super::layers::{
-    global_avg_pool, hardswish, pointwise_on_pooled, Act, BnMode, ConvBn, PaddleDropout, SeModule,
-};
 use super::pplcnet::make_divisible;
 use super::taps::Taps;
+use crate::nn::layers::{
+    global_avg_pool, hardswish, pointwise_on_pooled, Act, BnMode, ConvBn, PaddleDropout, SeModule,
+};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig};

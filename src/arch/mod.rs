@@ -2,25 +2,19 @@
 //! set of named sub-models, some frozen, whose outputs the losses read by name and key.
 
 pub mod backbone;
-pub mod cpu_conv;
-pub mod import;
-pub mod layers;
 pub mod mobilenet_v3;
 pub mod pplcnet;
 pub mod resnet;
 pub mod taps;
-pub mod weights;
 
 use crate::config::{ArchConfig, ModelSpec};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::nn::BnMode;
+use anyhow::{anyhow, bail, Result};
 pub use backbone::{Backbone, BACKBONES};
-use burn::module::{AutodiffModule, Module};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
-pub use layers::BnMode;
 use std::collections::BTreeMap;
-use std::path::Path;
 pub use taps::parse_taps;
 
 /// What one model returns: logits and the tapped feature maps (in `return_patterns` order).
@@ -42,31 +36,21 @@ impl<B: Backend> ModelOutput<B> {
     }
 }
 
-/// What a trainer optimises, as one module so one optimizer and one record cover it: the
-/// trainable models and the losses' own layers (MGD's generator, AFD's attention, ...).
-#[derive(Module, Debug)]
-pub struct TrainableSet<B: Backend> {
-    pub models: Vec<Backbone<B>>,
-    pub loss_parts: Vec<crate::loss::parts::LossPart<B>>,
-}
-
-/// File stem of the losses' trainable layers in a checkpoint directory.
-pub const LOSS_PARTS_FILE: &str = "loss_parts";
-
 /// Where a named model lives and what it returns.
 #[derive(Clone, Debug)]
 pub struct ModelSlot {
     pub key: String,
     pub spec: ModelSpec,
     pub taps: Vec<usize>,
-    /// Index into `trainable.models` or `frozen`.
+    /// Index into `trainable` or `frozen`.
     pub index: usize,
 }
 
 /// A DistillationModel (or a single backbone): named sub-models, frozen ones kept off the
 /// autodiff graph on the inner backend.
 pub struct DistillationModel<B: AutodiffBackend> {
-    pub trainable: TrainableSet<B>,
+    /// The trained models (the optimizer sees them through the engine's `TrainableSet`).
+    pub trainable: Vec<Backbone<B>>,
     pub frozen: Vec<Backbone<B::InnerBackend>>,
     pub slots: Vec<ModelSlot>,
     pub infer_model_name: String,
@@ -78,34 +62,6 @@ pub struct DistillationModel<B: AutodiffBackend> {
 }
 
 pub type Outputs<B> = BTreeMap<String, ModelOutput<B>>;
-
-pub(crate) fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
-    NamedMpkFileRecorder::new()
-}
-
-/// Loads a record into `model`, refusing one written for another architecture: burn's own
-/// loading asserts (panics) on a different block count and silently accepts other shapes.
-fn load_checked<B: Backend>(
-    model: Backbone<B>,
-    file: &Path,
-    device: &B::Device,
-) -> Result<Backbone<B>> {
-    let expected = weights::named_shapes(&model);
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        model.load_file(file, &recorder(), device)
-    }))
-    .map_err(|_| {
-        anyhow!("the file holds a model of a different structure (another backbone or depth?)")
-    })??;
-    let diff = weights::shape_differences(&expected, &weights::named_shapes(&loaded));
-    if !diff.is_empty() {
-        bail!(
-            "the file's weights do not fit this model: {}",
-            diff.join("; ")
-        );
-    }
-    Ok(loaded)
-}
 
 impl<B: AutodiffBackend> DistillationModel<B> {
     pub fn new(
@@ -142,10 +98,7 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             bail!("Arch.freeze_params_list freezes every model: nothing would be trained");
         }
         Ok(DistillationModel {
-            trainable: TrainableSet {
-                models: trainable,
-                loss_parts: vec![],
-            },
+            trainable,
             frozen,
             slots,
             infer_model_name: arch.infer_model_name.clone(),
@@ -183,7 +136,7 @@ impl<B: AutodiffBackend> DistillationModel<B> {
                     feature_names: vec![],
                 }
             } else {
-                self.trainable.models[slot.index].forward(x.clone(), self.train_bn, &slot.taps)
+                self.trainable[slot.index].forward(x.clone(), self.train_bn, &slot.taps)
             };
             out.insert(
                 slot.key.clone(),
@@ -199,7 +152,7 @@ impl<B: AutodiffBackend> DistillationModel<B> {
     /// Evaluation forward of every model, BatchNorm on running statistics, no graph.
     pub fn forward_eval(
         &self,
-        valid: &TrainableSet<B::InnerBackend>,
+        valid: &[Backbone<B::InnerBackend>],
         x: Tensor<B::InnerBackend, 4>,
     ) -> Outputs<B::InnerBackend> {
         self.slots
@@ -208,7 +161,7 @@ impl<B: AutodiffBackend> DistillationModel<B> {
                 let m = if slot.spec.frozen {
                     &self.frozen[slot.index]
                 } else {
-                    &valid.models[slot.index]
+                    &valid[slot.index]
                 };
                 let o = m.forward(x.clone(), BnMode::Eval, &slot.taps);
                 (
@@ -228,112 +181,9 @@ impl<B: AutodiffBackend> DistillationModel<B> {
         let m = if slot.spec.frozen {
             self.frozen[slot.index].clone()
         } else {
-            self.trainable.models[slot.index].valid()
+            self.trainable[slot.index].valid()
         };
         Ok((slot.spec.clone(), m))
-    }
-
-    /// Saves every model as `<dir>/<key>.mpk`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        for slot in &self.slots {
-            let path = dir.join(&slot.key);
-            if slot.spec.frozen {
-                self.frozen[slot.index]
-                    .clone()
-                    .save_file(&path, &recorder())
-            } else {
-                self.trainable.models[slot.index]
-                    .clone()
-                    .save_file(&path, &recorder())
-            }
-            .with_context(|| format!("saving model {} to {}", slot.key, path.display()))?;
-        }
-        if !self.trainable.loss_parts.is_empty() {
-            let path = dir.join(LOSS_PARTS_FILE);
-            self.trainable
-                .loss_parts
-                .clone()
-                .save_file(&path, &recorder())
-                .with_context(|| format!("saving the losses' layers to {}", path.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Loads the losses' trainable layers (when the model has any) from a checkpoint directory.
-    pub fn load_loss_parts(&mut self, dir: &Path, device: &B::Device) -> Result<()> {
-        if self.trainable.loss_parts.is_empty() {
-            return Ok(());
-        }
-        let file = dir.join(format!("{LOSS_PARTS_FILE}.mpk"));
-        let ctx = || {
-            format!(
-                "loading the losses' trainable layers from {}",
-                file.display()
-            )
-        };
-        if !file.is_file() {
-            bail!(
-                "{}: file not found (was the checkpoint written for another Loss config?)",
-                ctx()
-            );
-        }
-        let parts = std::mem::take(&mut self.trainable.loss_parts);
-        let expected = weights::named_shapes(&parts);
-        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            parts.load_file(&file, &recorder(), device)
-        }))
-        .map_err(|_| anyhow!("the file holds layers of a different structure"))
-        .with_context(ctx)?
-        .with_context(ctx)?;
-        let diff = weights::shape_differences(&expected, &weights::named_shapes(&loaded));
-        if !diff.is_empty() {
-            bail!("{}: shapes differ: {}", ctx(), diff.join("; "));
-        }
-        self.trainable.loss_parts = loaded;
-        Ok(())
-    }
-
-    /// Loads the weights of model `key` from a file written by [`Self::save`], or from a
-    /// PyTorch, Paddle or safetensors file (see [`import`]).
-    pub fn load_model(&mut self, key: &str, file: &Path, device: &B::Device) -> Result<()> {
-        let slot = self.slot(key)?.clone();
-        let ctx = || format!("loading weights for model {key} from {}", file.display());
-        if !file.is_file() {
-            bail!("{}: file not found", ctx());
-        }
-        // PyTorch, Paddle and safetensors files are imported by name; anything else is a
-        // kd-launch record.
-        let foreign = import::Format::of(file).is_some();
-        if slot.spec.frozen {
-            let m = self.frozen[slot.index].clone();
-            self.frozen[slot.index] = if foreign {
-                import::load_into(m, file, device)
-            } else {
-                load_checked(m, file, device)
-            }
-            .with_context(ctx)?;
-        } else {
-            let m = self.trainable.models[slot.index].clone();
-            // A trained model may start from weights for another class count (ImageNet
-            // weights, a new task): its classifier then starts fresh, as in PaddleClas. A frozen
-            // model's must fit — a teacher with a random head teaches nothing.
-            self.trainable.models[slot.index] = if foreign {
-                import::load_into_with(m, file, device, true)
-            } else {
-                load_checked(m, file, device)
-            }
-            .with_context(ctx)?;
-        }
-        Ok(())
-    }
-
-    /// Loads all models from a checkpoint directory (models missing there are an error).
-    pub fn load_all(&mut self, dir: &Path, device: &B::Device) -> Result<()> {
-        let keys: Vec<String> = self.slots.iter().map(|s| s.key.clone()).collect();
-        for key in keys {
-            self.load_model(&key, &dir.join(format!("{key}.mpk")), device)?;
-        }
-        Ok(())
     }
 }
 
@@ -342,6 +192,7 @@ mod tests {
     use super::*;
     use crate::config::{Node, Pretrained};
     use burn::backend::Flex;
+    use std::path::Path;
 
     /// A model entry `{name: <name><extra>}`, e.g. `extra = ", stem: cifar"`.
     pub(crate) fn spec(name: &str, class_num: usize, extra: &str) -> ModelSpec {
@@ -407,29 +258,5 @@ mod tests {
                 "paddle_mode={paddle_mode}"
             );
         }
-    }
-
-    #[test]
-    fn loading_another_architecture_is_an_error_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("m");
-        let d = Default::default();
-        Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d)
-            .unwrap()
-            .save_file(&file, &recorder())
-            .unwrap();
-        let file = file.with_extension("mpk");
-        let deeper = Backbone::<Flex>::from_spec(&spec("resnet14", 10, ""), &d).unwrap();
-        assert!(load_checked(deeper, &file, &d)
-            .unwrap_err()
-            .to_string()
-            .contains("different structure"));
-        let other_classes = Backbone::<Flex>::from_spec(&spec("resnet8", 7, ""), &d).unwrap();
-        let e = load_checked(other_classes, &file, &d)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("fc.weight"), "{e}");
-        let same = Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d).unwrap();
-        assert!(load_checked(same, &file, &d).is_ok());
     }
 }

@@ -8,11 +8,11 @@
 //! `fc`. Widths scale by `make_divisible(c · scale)`. PPLCNet_x1_0 has 2.95M trainable
 //! parameters at 1000 classes.
 
-use super::layers::{
+use super::taps::Taps;
+use crate::nn::layers::{
     global_avg_pool, hardswish, pointwise_on_pooled, Act, BnMode, ConvBn, PaddleDropout, SeModule,
     PADDLE_HARDSIGMOID_SLOPE,
 };
-use super::taps::Taps;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig};

@@ -14,8 +14,8 @@
 //! * CIFAR ResNets of the CRD/DKD benchmarks (resnet20/56, resnet8x4/32x4): 3×3 stem, three stages
 //!   of `(depth-2)/6` basic blocks.
 
-use super::layers::{global_avg_pool, Act, BnMode, ConvBn};
 use super::taps::Taps;
+use crate::nn::layers::{global_avg_pool, Act, BnMode, ConvBn};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::backend::Backend;

@@ -360,7 +360,7 @@ fn parse_global(g: &Node, train: Option<&LoaderSection>) -> ConfigResult<GlobalC
             .filter(|&t| t > 0),
         bn_stat_splits: positive("bn_stat_splits", 1)?,
         pretrained_dir: opt_path(g, "pretrained_dir")?
-            .unwrap_or_else(crate::arch::import::default_weights_dir),
+            .unwrap_or_else(crate::weights::import::default_weights_dir),
         teacher_check_batches: g.usize_or("teacher_check_batches", 4)?,
     })
 }

@@ -66,7 +66,7 @@ pub fn write_list(
         }
         list.push(format!("{rel} 0"));
     }
-    crate::engine::checkpoint::write_file_atomic(out, (list.join("\n") + "\n").as_bytes())?;
+    crate::atomic::write_file_atomic(out, (list.join("\n") + "\n").as_bytes())?;
     Ok((n_labelled, images.len()))
 }
 

@@ -1,14 +1,15 @@
 //! Evaluation: every model forward with BatchNorm on running statistics, the eval losses and
 //! top-k metrics averaged over the (sharded, then reduced) eval set.
 
-use super::train::{add_topk, batch_tensors, load_initial_weights, loader_threads, metric_specs};
+use super::setup::{batch_tensors, check_labels, load_initial_weights, loader_threads};
 use super::RunOptions;
 use crate::arch::DistillationModel;
 use crate::config::Config;
 use crate::data::{Loader, Placement};
-use crate::dist::Collective;
 use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::Averages;
+use crate::metric::{add_topk, metric_specs};
+use crate::parallel::Collective;
 use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
 use burn::module::Module;
@@ -31,7 +32,7 @@ impl EvalData {
         };
         let sec = cfg.eval_section()?;
         let (loader, sampler) = Loader::from_section(sec, at, false)?;
-        super::train::check_labels(&loader.dataset, cfg, &sec.dataset.cls_label_path)?;
+        check_labels(&loader.dataset, cfg, &sec.dataset.cls_label_path)?;
         Ok(EvalData {
             loader,
             batches: sampler.batches(0),
@@ -56,7 +57,7 @@ pub fn evaluate<B: AutodiffBackend>(
     epoch: usize,
     collective: &mut dyn Collective,
 ) -> Result<EvalReport> {
-    let device = model.trainable.models[0].devices()[0].clone();
+    let device = model.trainable[0].devices()[0].clone();
     let valid = model.trainable.valid();
     let mut specs = metric_specs(&cfg.eval_metric, &cfg.arch.infer_model_name);
     // Mutual learning trains several models: report every trainable one (`<model>_top1`), not
@@ -83,8 +84,9 @@ pub fn evaluate<B: AutodiffBackend>(
                 labels: y.clone(),
                 epoch,
                 default_model: &cfg.arch.infer_model_name,
-                parts: &valid.loss_parts,
-                mode: crate::arch::BnMode::Eval,
+                // Eval losses have no layers of their own (`CombinedLoss::for_eval`).
+                parts: &[],
+                mode: crate::nn::BnMode::Eval,
                 seed: cfg.global.seed,
                 step: 0,
             })?;
@@ -165,7 +167,7 @@ pub fn check_teachers<B: AutodiffBackend>(
         let batch = batch?;
         let (x, y) = batch_tensors::<B::InnerBackend>(&batch, device);
         for (c, slot) in correct.iter_mut().zip(&frozen) {
-            let out = model.frozen[slot.index].forward(x.clone(), crate::arch::BnMode::Eval, &[]);
+            let out = model.frozen[slot.index].forward(x.clone(), crate::nn::BnMode::Eval, &[]);
             *c += crate::loss::functional::topk_correct(out.logits, y.clone(), &[1])[0];
         }
         samples += batch.labels.len();
@@ -264,7 +266,7 @@ pub fn eval_command<B: AutodiffBackend>(
             cfg.file.display()
         ),
         (Some(_), _) => load_initial_weights(cfg, &mut model, &device)?,
-        (None, Some(dir)) => model.load_all(dir, &device)?,
+        (None, Some(dir)) => crate::weights::load_models(&mut model, dir, &device)?,
     }
     let eval_loss = (!cfg.eval_loss.is_empty())
         .then(|| CombinedLoss::for_eval(&cfg.eval_loss, &cfg.arch))

@@ -3,9 +3,10 @@
 //! without the training config — and as `inference.onnx` for other runtimes.
 
 use super::checkpoint;
-use super::train::load_initial_weights;
-use crate::arch::{weights, DistillationModel};
+use super::setup::load_initial_weights;
+use crate::arch::DistillationModel;
 use crate::config::{Config, Spec};
+use crate::weights::named as weights;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -80,7 +81,7 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
     if g.pretrained_model.is_some() {
         load_initial_weights(cfg, &mut model, &device)?;
     } else {
-        model.load_all(&source, &device)?;
+        crate::weights::load_models(&mut model, &source, &device)?;
     }
     let (spec, backbone) = model.infer_model()?;
     let transforms = match (&cfg.infer, &cfg.eval_data) {

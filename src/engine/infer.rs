@@ -2,10 +2,12 @@
 //! config plus checkpoint, PaddleClas's `Topk` post-processing.
 
 use super::export::{read_label_map, ExportMeta, FORMAT, META_FILE, WEIGHTS_FILE};
-use super::train::load_initial_weights;
-use crate::arch::{weights, Backbone, BnMode, DistillationModel};
+use super::setup::load_initial_weights;
+use crate::arch::{Backbone, DistillationModel};
 use crate::config::{Config, ModelSpec, Node, Pretrained, Spec};
 use crate::data::transforms::{run_pipeline, Transform};
+use crate::nn::BnMode;
+use crate::weights::named as weights;
 use anyhow::{bail, Context, Result};
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -125,7 +127,7 @@ impl<B: Backend> Predictor<B> {
         let wfile = dir.join(WEIGHTS_FILE);
         let bytes =
             std::fs::read(&wfile).with_context(|| format!("cannot read {}", wfile.display()))?;
-        let tensors = crate::arch::import::tensors::read_safetensors(&bytes)
+        let tensors = crate::weights::import::tensors::read_safetensors(&bytes)
             .with_context(|| format!("{} is not a valid safetensors file", wfile.display()))?
             .tensors;
         let model = weights::load_named(model, &tensors, device)

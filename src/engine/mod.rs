@@ -6,12 +6,13 @@ pub mod evaluate;
 pub mod export;
 pub mod infer;
 pub mod onnx;
-pub mod replicas;
+pub mod setup;
 pub mod train;
+pub mod trainable;
 
 use crate::config::{Config, DeviceKind};
-use crate::dist::Collective;
-use anyhow::{Context, Result};
+use crate::parallel::Collective;
+use anyhow::Result;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -35,7 +36,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             stop: Arc::new(AtomicBool::new(false)),
-            collective: Box::new(crate::dist::SingleProcess),
+            collective: Box::new(crate::parallel::SingleProcess),
             progress: false,
             local_device: 0,
         }
@@ -166,7 +167,7 @@ pub fn check(cfg: &Config) -> Result<String> {
         let params = if slot.spec.frozen {
             model.frozen[slot.index].num_trainable_params()
         } else {
-            model.trainable.models[slot.index].num_trainable_params()
+            model.trainable[slot.index].num_trainable_params()
         };
         let mut line = format!(
             "model {}: {} ({} classes), {:.3}M parameters, {}",
@@ -190,8 +191,10 @@ pub fn check(cfg: &Config) -> Result<String> {
         match &slot.spec.pretrained {
             crate::config::Pretrained::None => {}
             crate::config::Pretrained::Released => {
-                match crate::arch::import::resolve_released(&slot.spec, &cfg.global.pretrained_dir)
-                {
+                match crate::weights::import::resolve_released(
+                    &slot.spec,
+                    &cfg.global.pretrained_dir,
+                ) {
                     Ok(f) => out.push(format!(
                         "model {}: released weights {}",
                         slot.key,
@@ -272,16 +275,4 @@ pub fn check(cfg: &Config) -> Result<String> {
         out.push(format!("warning: {w}"));
     }
     Ok(out.join("\n"))
-}
-
-/// Fails unless `cfg` can train (as opposed to `check`, which only warns): every
-/// `pretrained: True` must find its released file before any work starts.
-pub(crate) fn require_trainable_weights(cfg: &Config) -> Result<()> {
-    for m in &cfg.arch.models {
-        if m.pretrained == crate::config::Pretrained::Released {
-            crate::arch::import::resolve_released(m, &cfg.global.pretrained_dir)
-                .with_context(|| cfg.file.display().to_string())?;
-        }
-    }
-    Ok(())
 }

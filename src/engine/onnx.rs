@@ -6,11 +6,11 @@
 //! The protobuf encoding is written here (the few ONNX messages needed), so no code generator or
 //! protobuf runtime is involved.
 
-use crate::arch::layers::{Act, ConvBn, SeModule};
 use crate::arch::mobilenet_v3::MobileNetV3;
 use crate::arch::pplcnet::PPLCNet;
 use crate::arch::resnet::ResNet;
 use crate::arch::Backbone;
+use crate::nn::layers::{Act, ConvBn, SeModule};
 use anyhow::{bail, Result};
 use burn::module::Param;
 use burn::nn::conv::Conv2d;

@@ -6,8 +6,9 @@
 pub mod functional;
 pub mod parts;
 
-use crate::arch::{BnMode, ModelOutput, Outputs};
+use crate::arch::{ModelOutput, Outputs};
 use crate::config::{ArchConfig, LossSpec, Node};
+use crate::nn::BnMode;
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};

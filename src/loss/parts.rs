@@ -3,7 +3,7 @@
 //! keeps in its `AttentionModel`). As in PaddleClas (which optimises `[model, loss]`), they are
 //! trained with the student and saved in the checkpoint (`loss_parts.mpk`).
 
-use crate::arch::layers::{BatchNorm2d, BnMode};
+use crate::nn::layers::{BatchNorm2d, BnMode};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::backend::Backend;

@@ -3,15 +3,15 @@
 //! and PaddleClas `.pdparams`; and
 //! `pretrained: True` resolved to the publisher's released file in a local weights directory.
 //!
-//! Every import goes through [`weights::load_named`], so a file that leaves any weight of the
+//! Every import goes through [`weights::load_named`](super::named::load_named), so a file that leaves any weight of the
 //! model unset, or holds one the model lacks, is refused with the names: a teacher is never
 //! silently half-loaded.
 
 pub mod pickle;
 pub mod tensors;
 
-use super::backbone::Backbone;
-use super::weights::{self, NamedTensor};
+use super::named::{self as weights, NamedTensor};
+use crate::arch::Backbone;
 use crate::config::ModelSpec;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;

@@ -2,7 +2,7 @@
 //! and Paddle's `.pdparams` (a pickled dict of numpy arrays).
 
 use super::pickle::{self, Value};
-use crate::arch::weights::NamedTensor;
+use crate::weights::named::NamedTensor;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -7,7 +7,7 @@
 //! the ranks' running statistics is the running statistic of the ranks' mean batch
 //! statistics — what one worker with `Global.bn_stat_splits = world` computes.
 
-use crate::dist::Collective;
+use super::Collective;
 use anyhow::Result;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
@@ -301,8 +301,8 @@ pub fn check_identical<B: Backend, M: Module<B>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::layers::{BatchNorm2d, BnMode};
-    use crate::dist::tcp::TcpCollective;
+    use crate::nn::layers::{BatchNorm2d, BnMode};
+    use crate::parallel::tcp::TcpCollective;
     use burn::backend::{Autodiff, Flex};
     use std::time::Duration;
 

@@ -1,4 +1,9 @@
-//! Collectives: the engine's only view of other workers. Implementations: [`SingleProcess`]
+//! Data parallelism: the collectives (the engine's only view of other workers) and, in
+//! [`replicas`], what keeps the replicas identical over them (start-up broadcast, gradient
+//! buckets, BatchNorm statistics, fingerprints). Named `parallel`, not `dist`, so it is not
+//! mistaken for the DIST loss.
+//!
+//! Collectives: Implementations: [`SingleProcess`]
 //! (a no-op), [`tcp::TcpCollective`] (the workers of one `kd-launch --nproc/--gpus` launch,
 //! through rank 0), `mpi::MpiCollective` (feature `mpi`: ranks started by `mpirun`, across
 //! nodes) and `nccl::NcclCollective` (feature `cuda`: GPU workers; its unique id travels over
@@ -8,6 +13,7 @@
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod replicas;
 pub mod tcp;
 
 use anyhow::{bail, Result};

@@ -1,0 +1,96 @@
+//! What every command does before its work: weights loaded as the config says, labels checked
+//! against the models, loader threads chosen, batches made into tensors.
+
+use super::checkpoint;
+use crate::arch::DistillationModel;
+use crate::config::{Config, Pretrained};
+use crate::data::ImageNetDataset;
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use std::path::Path;
+
+pub(crate) fn batch_tensors<B: Backend>(
+    batch: &crate::data::Batch,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+    let x = Tensor::<B, 4>::from_data(TensorData::new(batch.images.clone(), batch.shape), device);
+    let y = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(batch.labels.clone(), [batch.labels.len()]),
+        device,
+    );
+    (x, y)
+}
+
+/// Threads for decoding and augmentation: the configured count, capped by the machine.
+pub(crate) fn loader_threads(cfg: &Config) -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    cfg.global.threads.unwrap_or(cores).clamp(1, cores.max(1))
+}
+
+/// Loads per-model `pretrained` paths, then `Global.pretrained_model` (which wins, as in
+/// PaddleClas: it is how eval/export/infer name the trained weights).
+pub(crate) fn load_initial_weights<B: AutodiffBackend>(
+    cfg: &Config,
+    model: &mut DistillationModel<B>,
+    device: &B::Device,
+) -> Result<()> {
+    if let Some(dir) = &cfg.global.pretrained_model {
+        crate::weights::load_models(model, dir, device)
+            .with_context(|| format!("Global.pretrained_model = {}", dir.display()))?;
+        tracing::info!("loaded all models from {}", dir.display());
+        return Ok(());
+    }
+    for spec in &cfg.arch.models {
+        let file = match &spec.pretrained {
+            Pretrained::None => None,
+            Pretrained::Released => Some(crate::weights::import::resolve_released(
+                spec,
+                &cfg.global.pretrained_dir,
+            )?),
+            Pretrained::Path(p) => Some(
+                checkpoint::resolve_model_file(p, &spec.key)
+                    .with_context(|| format!("Arch model {}: pretrained", spec.key))?,
+            ),
+        };
+        if let Some(file) = file {
+            crate::weights::load_model(model, &spec.key, &file, device)?;
+            tracing::info!(
+                "model {}: loaded pretrained weights {}",
+                spec.key,
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_labels(ds: &ImageNetDataset, cfg: &Config, list: &Path) -> Result<()> {
+    let classes = ds.num_classes();
+    for m in &cfg.arch.models {
+        if classes > m.class_num {
+            bail!(
+                "{} has label {} but model {} has class_num {} (set Arch.class_num)",
+                list.display(),
+                classes - 1,
+                m.key,
+                m.class_num
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless `cfg` can train (as opposed to `check`, which only warns): every
+/// `pretrained: True` must find its released file before any work starts.
+pub(crate) fn require_trainable_weights(cfg: &Config) -> Result<()> {
+    for m in &cfg.arch.models {
+        if m.pretrained == crate::config::Pretrained::Released {
+            crate::weights::import::resolve_released(m, &cfg.global.pretrained_dir)
+                .with_context(|| cfg.file.display().to_string())?;
+        }
+    }
+    Ok(())
+}

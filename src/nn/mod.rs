@@ -1,0 +1,7 @@
+//! Layers shared by the backbones, the losses' own layers and the data-parallel code: BatchNorm
+//! with kd-launch's modes, convolution + BatchNorm blocks, activations, and the CPU convolution.
+
+pub mod cpu_conv;
+pub mod layers;
+
+pub use layers::BnMode;
