@@ -47,7 +47,7 @@ impl<B: Backend> ModelOutput<B> {
 #[derive(Module, Debug)]
 pub struct TrainableSet<B: Backend> {
     pub models: Vec<Backbone<B>>,
-    pub loss_parts: Vec<crate::loss::parts::LossPart<B>>,
+    pub loss_parts: Vec<crate::loss::LossPart<B>>,
 }
 
 /// File stem of the losses' trainable layers in a checkpoint directory.

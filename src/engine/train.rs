@@ -81,7 +81,7 @@ pub(crate) fn add_topk<B: Backend>(
             .get(model)
             .with_context(|| format!("Metric: no model named {model:?}"))?;
         let n = labels.dims()[0];
-        let correct = crate::loss::functional::topk_correct(out.logits.clone(), labels.clone(), ks);
+        let correct = crate::metric::topk_correct(out.logits.clone(), labels.clone(), ks);
         for (k, c) in ks.iter().zip(correct) {
             let name = if i == 0 {
                 format!("top{k}")
