@@ -6,6 +6,29 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use std::collections::BTreeMap;
 
+/// Top-k accuracy counts: per k, the number of samples whose label is among the k largest
+/// logits.
+pub fn topk_correct<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    ks: &[usize],
+) -> Vec<usize> {
+    let [n, c] = logits.dims();
+    let target = logits.clone().gather(1, labels.reshape([n, 1]));
+    // Rank of the label = number of logits strictly greater than it (ties count in its favour).
+    let rank: Vec<i64> = logits
+        .greater(target.expand([n, c]))
+        .int()
+        .sum_dim(1)
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int data");
+    ks.iter()
+        .map(|&k| rank.iter().filter(|&&r| (r as usize) < k).count())
+        .collect()
+}
+
 /// Running averages of named values, weighted by batch size (PaddleClas's `AverageMeter`).
 #[derive(Clone, Debug, Default)]
 pub struct Averages {
@@ -89,7 +112,7 @@ pub fn add_topk<B: Backend>(
             .get(model)
             .with_context(|| format!("Metric: no model named {model:?}"))?;
         let n = labels.dims()[0];
-        let correct = crate::loss::functional::topk_correct(out.logits.clone(), labels.clone(), ks);
+        let correct = topk_correct(out.logits.clone(), labels.clone(), ks);
         for (k, c) in ks.iter().zip(correct) {
             let name = if i == 0 {
                 format!("top{k}")

@@ -13,7 +13,9 @@
 
 use kd_engine::burn::backend::{Autodiff, Flex};
 use kd_engine::burn::tensor::{Int, Tensor, TensorData};
-use kd_engine::loss::functional::{cross_entropy, dkd, kl_div};
+use kd_engine::loss::ce::cross_entropy;
+use kd_engine::loss::dkd::dkd;
+use kd_engine::loss::kl::kl_div;
 use serde::Deserialize;
 
 type B = Autodiff<Flex>;
@@ -226,14 +228,14 @@ fn dkd_matches_reference() {
 fn soft_cross_entropy_matches_reference() {
     for case in cases("softce") {
         let s = student(&case);
-        let loss = kd_engine::loss::functional::soft_cross_entropy(s.clone(), teacher(&case));
+        let loss = kd_engine::loss::ce::soft_cross_entropy(s.clone(), teacher(&case));
         check(&case, &s, loss);
     }
 }
 
 #[test]
 fn dml_matches_reference() {
-    use kd_engine::loss::functional::{dml, DmlAct};
+    use kd_engine::loss::dml::{dml, DmlAct};
     let cases = cases("dml");
     assert_eq!(cases.len(), 3);
     for case in cases {
@@ -255,7 +257,7 @@ fn dml_matches_reference() {
 
 #[test]
 fn distance_matches_reference() {
-    use kd_engine::loss::functional::{distance, Distance};
+    use kd_engine::loss::distance::{distance, Distance};
     let cases = cases("distance");
     assert_eq!(cases.len(), 3);
     for case in cases {
@@ -273,7 +275,7 @@ fn distance_matches_reference() {
 
 #[test]
 fn wsl_matches_reference() {
-    use kd_engine::loss::functional::wsl;
+    use kd_engine::loss::wsl::wsl;
     for case in cases("wsl") {
         let s = student(&case);
         let t = param(&case, case.params.temperature, "temperature");
@@ -284,7 +286,7 @@ fn wsl_matches_reference() {
 
 #[test]
 fn dist_matches_reference() {
-    use kd_engine::loss::functional::dist;
+    use kd_engine::loss::dist::dist;
     for case in cases("dist") {
         let s = student(&case);
         let beta = param(&case, case.params.beta, "beta");
@@ -296,7 +298,7 @@ fn dist_matches_reference() {
 
 #[test]
 fn skd_matches_reference() {
-    use kd_engine::loss::functional::skd;
+    use kd_engine::loss::skd::skd;
     for case in cases("skd") {
         let s = student(&case);
         let t = param(&case, case.params.temperature, "temperature");
@@ -309,7 +311,7 @@ fn skd_matches_reference() {
 
 #[test]
 fn rkd_terms_match_reference() {
-    use kd_engine::loss::functional::{rkd_angle, rkd_distance, RkdVariant};
+    use kd_engine::loss::rkd::{rkd_angle, rkd_distance, RkdVariant};
     let distance_cases = cases("rkd_distance");
     assert_eq!(distance_cases.len(), 2);
     for case in distance_cases {
@@ -406,7 +408,8 @@ fn check_part<const D: usize>(
 #[test]
 fn mgd_matches_reference() {
     use kd_engine::burn::module::Param;
-    use kd_engine::loss::parts::{Conv, Mgd};
+    use kd_engine::loss::common::Conv;
+    use kd_engine::loss::mgd::Mgd;
     let case = part_case("mgd");
     let x = PartInputs { case: &case };
     let conv = |w: Tensor<B, 4>, b: Tensor<B, 1>| Conv {
@@ -426,7 +429,8 @@ fn mgd_matches_reference() {
 #[test]
 fn pefd_matches_reference() {
     use kd_engine::burn::module::Param;
-    use kd_engine::loss::parts::{Conv, Pefd};
+    use kd_engine::loss::common::Conv;
+    use kd_engine::loss::pefd::Pefd;
     let case = part_case("pefd");
     let x = PartInputs { case: &case };
     let fs = x.get::<4>("fs");
@@ -448,7 +452,7 @@ fn pefd_matches_reference() {
 #[test]
 fn afd_matches_reference() {
     use kd_engine::burn::module::Param;
-    use kd_engine::loss::parts::{Afd, LinearBn};
+    use kd_engine::loss::afd::{Afd, LinearBn};
     use kd_engine::nn::layers::BatchNorm2d;
     use kd_engine::nn::BnMode;
     let case = part_case("afd");

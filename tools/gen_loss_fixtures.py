@@ -2,7 +2,7 @@
 """Generate reference fixtures for the knowledge-distillation loss formulas.
 
 This is an independent float64 reference (numpy only) of the loss formulas in
-`src/loss/functional.rs` and `src/loss/parts.rs`, written straight from the formulas (not from
+`src/loss/` (one file per loss), written straight from the formulas (not from
 any library's code). The logit losses:
 
   ce   cross-entropy with hard labels, optionally label-smoothed:

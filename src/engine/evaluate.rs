@@ -168,7 +168,7 @@ pub fn check_teachers<B: AutodiffBackend>(
         let (x, y) = batch_tensors::<B::InnerBackend>(&batch, device);
         for (c, slot) in correct.iter_mut().zip(&frozen) {
             let out = model.frozen[slot.index].forward(x.clone(), crate::nn::BnMode::Eval, &[]);
-            *c += crate::loss::functional::topk_correct(out.logits, y.clone(), &[1])[0];
+            *c += crate::metric::topk_correct(out.logits, y.clone(), &[1])[0];
         }
         samples += batch.labels.len();
     }

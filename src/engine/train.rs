@@ -14,7 +14,7 @@ use super::RunOptions;
 use crate::arch::DistillationModel;
 use crate::config::Config;
 use crate::data::{Batch, BatchSampler, Loader, Placement};
-use crate::loss::parts::LossPart;
+use crate::loss::LossPart;
 use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::{add_topk, metric_specs, Averages};
 use crate::nn::BnMode;

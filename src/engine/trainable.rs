@@ -4,7 +4,7 @@
 //! trainer; [`TrainableSet::take`] gathers them for the moments that need them together.
 
 use crate::arch::{Backbone, DistillationModel};
-use crate::loss::parts::LossPart;
+use crate::loss::LossPart;
 use crate::weights::{load_record_checked, recorder};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
