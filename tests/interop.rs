@@ -7,9 +7,10 @@
 use kd_engine::arch::import::{self, Naming};
 use kd_engine::arch::weights::{self, NamedTensor};
 use kd_engine::arch::{Backbone, BnMode};
+use kd_engine::arch::{ModelSpec, Pretrained};
 use kd_engine::burn::backend::Flex;
 use kd_engine::burn::tensor::{Tensor, TensorData};
-use kd_engine::config::{ModelSpec, Node, Pretrained};
+use kd_engine::config::Node;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -4,8 +4,9 @@
 
 use super::checkpoint;
 use super::train::load_initial_weights;
+use super::Config;
 use crate::arch::{weights, DistillationModel};
-use crate::config::{Config, Spec};
+use crate::config::Spec;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,7 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
         _ => bail!("{}: export needs Infer.transforms (or DataLoader.Eval transforms) to record the preprocessing", cfg.file.display()),
     };
     crate::data::transforms::build(transforms)?;
+    super::log_unknown_keys(cfg, true);
     let label_names = match cfg
         .infer
         .as_ref()

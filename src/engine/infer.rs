@@ -3,8 +3,9 @@
 
 use super::export::{read_label_map, ExportMeta, FORMAT, META_FILE, WEIGHTS_FILE};
 use super::train::load_initial_weights;
-use crate::arch::{weights, Backbone, BnMode, DistillationModel};
-use crate::config::{Config, ModelSpec, Node, Pretrained, Spec};
+use super::Config;
+use crate::arch::{weights, Backbone, BnMode, DistillationModel, ModelSpec, Pretrained};
+use crate::config::{Node, Spec};
 use crate::data::transforms::{run_pipeline, Transform};
 use anyhow::{bail, Context, Result};
 use burn::tensor::activation::softmax;
@@ -68,19 +69,7 @@ pub fn image_list(path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn specs_from_value(v: &serde_yaml::Value, file: &Path) -> Result<Vec<Spec>> {
-    let node = Node {
-        value: v.clone(),
-        path: "transforms".into(),
-        file: std::sync::Arc::new(file.to_path_buf()),
-    };
-    Ok(node
-        .items()?
-        .iter()
-        .map(|e| {
-            e.single_key_entry()
-                .map(|(name, params)| Spec { name, params })
-        })
-        .collect::<Result<_, _>>()?)
+    Ok(Spec::list(&Node::root_at(v.clone(), file, "transforms"))?)
 }
 
 /// A loaded inference model with its preprocessing.
@@ -234,6 +223,7 @@ pub fn infer<B: AutodiffBackend>(
                 batch_size: inf.batch_size,
                 device: device.clone(),
             };
+            super::log_unknown_keys(cfg, true);
             (predictor, inf.infer_imgs.clone())
         }
     };

@@ -4,12 +4,13 @@
 
 use super::checkpoint::{self, TrainState, OPTIMIZER_FILE};
 use super::evaluate::{evaluate, EvalData};
+use super::Config;
 use super::{replicas, RunOptions};
-use crate::arch::{recorder, BnMode, DistillationModel, TrainableSet};
-use crate::config::{Config, MetricSpec, Pretrained};
+use crate::arch::{recorder, BnMode, DistillationModel, Pretrained, TrainableSet};
 use crate::data::{ImageNetDataset, Loader, Placement};
 use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::Averages;
+use crate::metric::MetricSpec;
 use crate::optim::{sgd_config, LrSchedule};
 use anyhow::{bail, Context, Result};
 use burn::optim::{GradientsParams, Optimizer};
@@ -194,8 +195,10 @@ pub fn train<B: AutodiffBackend>(
     };
 
     let opt_cfg = cfg.optimizer()?;
-    let schedule = LrSchedule::new(&opt_cfg.lr, g.epochs, iters)?;
+    let schedule = LrSchedule::new(&opt_cfg.lr, g.epochs, iters);
     let mut optim: Optim<B> = sgd_config(opt_cfg)?.init();
+    // Models, losses, loaders and the schedule are built: the config's keys are all read now.
+    super::log_unknown_keys(cfg, opts.collective.is_main());
 
     let arch_dir = g.output_dir.join(&cfg.arch.name);
     let mut state = TrainState {

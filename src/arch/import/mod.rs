@@ -12,7 +12,7 @@ pub mod tensors;
 
 use super::backbone::Backbone;
 use super::weights::{self, NamedTensor};
-use crate::config::ModelSpec;
+use crate::arch::ModelSpec;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use std::collections::BTreeMap;
