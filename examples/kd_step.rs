@@ -9,11 +9,11 @@
 use kd_engine::arch::DistillationModel;
 use kd_engine::burn::optim::{GradientsParams, Optimizer};
 use kd_engine::burn::tensor::{Distribution, Int, Tensor, TensorData};
-use kd_engine::config::Config;
 use kd_engine::engine::trainable::TrainableSet;
 use kd_engine::engine::CpuBackend as B;
 use kd_engine::loss::{CombinedLoss, LossContext};
 use kd_engine::nn::layers;
+use kd_engine::Config;
 use std::path::Path;
 use std::time::Instant;
 

@@ -2,8 +2,8 @@
 //! `DataLoader.Train` section: `cargo run --release --example loader_throughput -- -c cfg.yaml --threads 2`.
 //! Compare the printed img/s with the training step's ips to see whether the step waits on data.
 
-use kd_engine::config::Config;
 use kd_engine::data::{Loader, Placement};
+use kd_engine::Config;
 use std::path::PathBuf;
 use std::time::Instant;
 

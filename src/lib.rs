@@ -1,7 +1,7 @@
 //! kd-launch's engine: knowledge distillation for image classifiers on burn.
 //!
 //! The modules follow PaddleClas's concept map so its users find things where they expect them:
-//! `config` (YAML + overrides), `arch` (backbones, DistillationModel), `loss`, `data` (dataset,
+//! `config` (YAML, overrides, the read-tracking `Node`), `arch` (backbones, DistillationModel), `loss`, `data` (dataset,
 //! transforms, sampler, loader), `optim` (optimizers, lr schedules), `metric`, `engine` (train,
 //! eval, infer, export, checkpoints) and `dist` (collectives). The engine knows nothing of
 //! processes: the launcher hands it a job and a [`dist::Collective`].
@@ -19,3 +19,4 @@ pub mod parallel;
 pub mod weights;
 
 pub use burn;
+pub use engine::Config;

@@ -1,6 +1,7 @@
-//! Metrics: running top-k accuracy and averages of logged values.
+//! Metrics: the `Metric` section, running top-k accuracy and averages of logged values.
 
 use crate::arch::Outputs;
+use crate::config::{ConfigResult, Node};
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
@@ -27,6 +28,48 @@ pub fn topk_correct<B: Backend>(
     ks.iter()
         .map(|&k| rank.iter().filter(|&&r| (r as usize) < k).count())
         .collect()
+}
+
+/// A `Metric.Train` / `Metric.Eval` entry: `TopkAcc` or `DistillationTopkAcc`.
+#[derive(Clone, Debug)]
+pub struct MetricSpec {
+    /// `None` for a plain TopkAcc (single model).
+    pub model_key: Option<String>,
+    pub topk: Vec<usize>,
+}
+
+impl MetricSpec {
+    /// The entries of a `Metric.Train` or `Metric.Eval` list.
+    pub fn list(n: &Node) -> ConfigResult<Vec<MetricSpec>> {
+        n.items()?
+            .iter()
+            .map(|e| {
+                let (name, p) = e.single_key_entry()?;
+                match name.as_str() {
+                    "DistillationTopkAcc" | "TopkAcc" => Ok(MetricSpec {
+                        model_key: p.str("model_key")?,
+                        topk: topk(&p)?,
+                    }),
+                    other => Err(e.error(format!(
+                        "unknown metric {other:?}; known: TopkAcc, DistillationTopkAcc"
+                    ))),
+                }
+            })
+            .collect()
+    }
+}
+
+/// `topk`: one or more k of at least 1 (default `[1, 5]`).
+fn topk(p: &Node) -> ConfigResult<Vec<usize>> {
+    let Some(ks) = p.usize_list("topk")? else {
+        return Ok(vec![1, 5]);
+    };
+    if ks.is_empty() || ks.contains(&0) {
+        return Err(p
+            .require("topk")?
+            .error(format!("expected one or more k of at least 1, got {ks:?}")));
+    }
+    Ok(ks)
 }
 
 /// Running averages of named values, weighted by batch size (PaddleClas's `AverageMeter`).
@@ -79,10 +122,7 @@ impl Averages {
 }
 
 /// Metric specs, defaulting to top-1/top-5 of the inference model.
-pub fn metric_specs(
-    specs: &[crate::config::MetricSpec],
-    infer_model: &str,
-) -> Vec<(String, Vec<usize>)> {
+pub fn metric_specs(specs: &[MetricSpec], infer_model: &str) -> Vec<(String, Vec<usize>)> {
     if specs.is_empty() {
         return vec![(infer_model.to_string(), vec![1, 5])];
     }
@@ -128,6 +168,41 @@ pub fn add_topk<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_yaml;
+    use std::path::Path;
+
+    fn metrics(yaml: &str) -> (Node, ConfigResult<Vec<MetricSpec>>) {
+        let root = Node::root(
+            parse_yaml(yaml, Path::new("m.yaml")).unwrap(),
+            Path::new("m.yaml"),
+        );
+        let specs = MetricSpec::list(&root.require("Metric").unwrap().require("Eval").unwrap());
+        (root, specs)
+    }
+
+    #[test]
+    fn topk_must_hold_positive_ks() {
+        for (list, idx) in [("[1, 0]", 0), ("[]", 0), ("[-1]", 0)] {
+            let yaml = format!("Metric: {{Eval: [{{TopkAcc: {{topk: {list}}}}}]}}");
+            let e = metrics(&yaml).1.unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("m.yaml: Metric.Eval[{idx}].TopkAcc.topk")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_metric_key_is_reported() {
+        let (root, specs) =
+            metrics("Metric: {Eval: [{DistillationTopkAcc: {model_key: Student, top_k: [1]}}]}");
+        assert_eq!(specs.unwrap()[0].topk, [1, 5]);
+        let report: Vec<String> = root.unread_keys().iter().map(|k| k.to_string()).collect();
+        assert_eq!(
+            report,
+            ["m.yaml: Metric.Eval[0].DistillationTopkAcc.top_k: unknown key, ignored; did you mean `Metric.Eval[0].DistillationTopkAcc.topk`?"]
+        );
+    }
 
     #[test]
     fn averages_weight_by_count() {

@@ -18,11 +18,12 @@
 //! The 35×35 input makes ResNet_vd's shortcut average pool run in ceil mode on a 9×9 map.
 
 use kd_engine::arch::{parse_taps, Backbone};
+use kd_engine::arch::{ModelSpec, Pretrained};
 use kd_engine::burn::backend::Flex;
 use kd_engine::burn::module::{Module, ModuleMapper, Param};
 use kd_engine::burn::tensor::backend::Backend;
 use kd_engine::burn::tensor::{Tensor, TensorData};
-use kd_engine::config::{ModelSpec, Node, Pretrained};
+use kd_engine::config::Node;
 use kd_engine::nn::BnMode;
 use serde::Deserialize;
 use std::path::Path;

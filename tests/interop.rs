@@ -4,10 +4,10 @@
 //! each with the logits its own framework computed on a fixed input
 //! (`tools/gen_interop_fixtures.py` writes `tests/data/interop/`).
 
-use kd_engine::arch::Backbone;
+use kd_engine::arch::{Backbone, ModelSpec, Pretrained};
 use kd_engine::burn::backend::Flex;
 use kd_engine::burn::tensor::{Tensor, TensorData};
-use kd_engine::config::{ModelSpec, Node, Pretrained};
+use kd_engine::config::Node;
 use kd_engine::nn::BnMode;
 use kd_engine::weights::import::{self, Naming};
 use kd_engine::weights::named::{self as weights, NamedTensor};

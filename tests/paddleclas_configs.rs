@@ -3,8 +3,8 @@
 //! only `-o` overrides (4 classes, 32×32 crops, one batch of 4 images, untrained teachers), its
 //! loss finite and lower after the last step than at the first.
 
-use kd_engine::config::Config;
 use kd_engine::engine::{self, RunOptions};
+use kd_engine::Config;
 use std::path::{Path, PathBuf};
 
 const STEPS: usize = 6;
@@ -189,9 +189,80 @@ fn shipped_configs_pass_check_unchanged() {
                     report.contains(&format!("train loss terms: {terms}\n")),
                     "{name}: {report}"
                 );
+                assert!(!report.contains("unknown key"), "{name}: {report}");
             }
         }
     }
+}
+
+/// `configs/**/*.yaml`, relative to the crate.
+fn repository_configs() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|e| e == "yaml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut v = vec![];
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs"),
+        &mut v,
+    );
+    v.sort();
+    assert!(!v.is_empty());
+    v
+}
+
+/// kd-launch's own configs build as `check` builds them, every key read.
+#[test]
+fn repository_configs_pass_check_with_every_key_read() {
+    let _serial = training_lock();
+    for path in repository_configs() {
+        let cfg = Config::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let report = engine::check(&cfg).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert!(
+            !report.contains("unknown key"),
+            "{}: {report}",
+            path.display()
+        );
+    }
+}
+
+/// Keys that only the components read (a model's, a loss's, a transform's parameters) are
+/// reported once `check` has built them, with the nearest key the component reads.
+#[test]
+fn unknown_component_keys_are_reported_by_check() {
+    let _serial = training_lock();
+    let path = config_dir().join("resnet34_distill_resnet18_dkd.yaml");
+    let cfg = Config::load(
+        &path,
+        &[
+            "Arch.models.1.Student.use_first_shortconv=False".into(),
+            "Loss.Train.1.DistillationDKDLoss.temprature=4".into(),
+            "DataLoader.Train.dataset.transform_ops.1.RandCropImage.sizes=224".into(),
+            "Infer.transforms.3.NormalizeImage.meam=[0.5, 0.5, 0.5]".into(),
+        ],
+    )
+    .unwrap();
+    let report = engine::check(&cfg).unwrap();
+    let warnings: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("unknown key"))
+        .collect();
+    let file = path.display();
+    assert_eq!(
+        warnings,
+        [
+            format!("warning: {file}: Arch.models[1].Student.use_first_shortconv: unknown key, ignored; did you mean `Arch.models[1].Student.use_first_short_conv`?"),
+            format!("warning: {file}: Loss.Train[1].DistillationDKDLoss.temprature: unknown key, ignored; did you mean `Loss.Train[1].DistillationDKDLoss.temperature`?"),
+            format!("warning: {file}: DataLoader.Train.dataset.transform_ops[1].RandCropImage.sizes: unknown key, ignored; did you mean `DataLoader.Train.dataset.transform_ops[1].RandCropImage.size`?"),
+            format!("warning: {file}: Infer.transforms[3].NormalizeImage.meam: unknown key, ignored; did you mean `Infer.transforms[3].NormalizeImage.mean`?"),
+        ]
+    );
 }
 
 #[test]

@@ -7,9 +7,9 @@ mod spawn;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use kd_engine::config::Config;
 use kd_engine::engine::{self, InferSource, RunOptions};
 use kd_engine::parallel::Rendezvous;
+use kd_engine::Config;
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -507,7 +507,7 @@ fn run_job(
     let collective = |cfg: &Config| -> Result<Box<dyn kd_engine::parallel::Collective>> {
         // NCCL refuses two ranks on one GPU; KD_GPU_COLLECTIVE=host sends GPU workers'
         // gradients over the rendezvous connections instead (e.g. to test on one GPU).
-        let nccl = cfg.global.device == kd_engine::config::DeviceKind::Gpu
+        let nccl = cfg.global.device == kd_engine::engine::DeviceKind::Gpu
             && std::env::var("KD_GPU_COLLECTIVE").as_deref() != Ok("host");
         kd_engine::parallel::connect(&rendezvous, nccl, local_device)
     };

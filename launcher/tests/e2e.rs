@@ -164,6 +164,44 @@ fn train_distill_eval_export_infer_and_resume() {
     assert_eq!(s1["epoch"], 2);
 }
 
+/// A key that nothing reads is warned about, with the key it resembles: by `check` in its report,
+/// and by `train` once, before the first step. A config without one gets no such warning.
+#[test]
+fn unknown_keys_are_warned_about_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 4, 3);
+    let text = format!(
+        "{}Arch: {{name: resnet8, class_num: 3}}\nLoss:\n  Train:\n    - CELoss: {{weight: 1.0}}\n{}",
+        global(&tmp.path().join("out"), 1),
+        data_section(&data)
+    );
+    let clean = write(&tmp.path().join("clean.yaml"), &text);
+    let check = run(&["check", "-c", clean.to_str().unwrap()]);
+    assert!(!check.contains("unknown key"), "{check}");
+
+    let typo = write(
+        &tmp.path().join("typo.yaml"),
+        &text.replace("Global:\n", "Global:\n  epoch: 5\n"),
+    );
+    let warning = format!(
+        "{}: Global.epoch: unknown key, ignored; did you mean `Global.epochs`?",
+        typo.display()
+    );
+    let check = run(&["check", "-c", typo.to_str().unwrap()]);
+    assert!(check.contains(&format!("warning: {warning}\n")), "{check}");
+    let out = Command::new(BIN)
+        .args(["train", "-c", typo.to_str().unwrap()])
+        .env("KD_THREADS", "2")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(log.matches(&warning).count(), 1, "{log}");
+    let first_step = log.find("[Train]").expect("a training log line");
+    assert!(log.find(&warning).unwrap() < first_step, "{log}");
+}
+
 #[test]
 fn bad_inputs_fail_with_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();

@@ -6,8 +6,9 @@ mod common;
 
 use common::{data_section, global, make_dataset, write};
 use kd_engine::arch::Backbone;
+use kd_engine::arch::{ModelSpec, Pretrained};
 use kd_engine::burn::backend::Flex;
-use kd_engine::config::{ModelSpec, Node, Pretrained};
+use kd_engine::config::Node;
 use kd_engine::weights::named as weights;
 use std::io::Read;
 use std::path::{Path, PathBuf};

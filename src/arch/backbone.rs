@@ -5,7 +5,7 @@ use super::mobilenet_v3::{MobileNetV3, MobileNetV3Size};
 use super::pplcnet::PPLCNet;
 use super::resnet::{ResNet, ResNetKind};
 use super::ModelOutput;
-use crate::config::ModelSpec;
+use super::ModelSpec;
 use crate::nn::layers::BnMode;
 use anyhow::{anyhow, Result};
 use burn::module::Module;
@@ -113,8 +113,9 @@ pub enum Backbone<B: Backend> {
 
 impl<B: Backend> Backbone<B> {
     /// Builds the backbone named in `spec`. Unknown names list the known ones; PaddleClas
-    /// backbones kd-launch does not implement say so. `use_ssld` (which of PaddleClas's released
-    /// weights `pretrained: True` means) is accepted and ignored, like any key not read here.
+    /// backbones kd-launch does not implement say so. The model entry's keys are read here (or
+    /// in `arch::config`); the unknown-key report names any other, which kd-launch ignores
+    /// (PaddleClas's constructors refuse them; its MobileNetV3 drops them).
     pub fn from_spec(spec: &ModelSpec, device: &B::Device) -> Result<Self> {
         let p = &spec.params;
         let err = |m: String| anyhow!("{}", p.error(m));
@@ -138,6 +139,9 @@ impl<B: Backend> Backbone<B> {
             return Err(err("class_num must be at least 1".into()));
         }
         reject_non_default(spec)?;
+        // Which released weights `pretrained: True` loads (see `import::released_file_name`);
+        // read here too so that a bad value fails before any work, whatever `pretrained` says.
+        p.bool_or("use_ssld", false)?;
         let is_resnet = matches!(kind, Kind::ResNet(_));
         if !is_resnet {
             if let Some(n) = p.get("stem") {
@@ -251,15 +255,10 @@ impl<B: Backend> Backbone<B> {
 /// `dropout_prob` of PP-LCNet / MobileNetV3: 0.2 when absent, no dropout when null (PaddleClas
 /// builds no Dropout layer then), else a probability in `[0, 1)`.
 fn dropout_prob(spec: &ModelSpec) -> Result<f64> {
-    let raw = spec
-        .params
-        .value
-        .as_mapping()
-        .and_then(|m| m.get(Value::String("dropout_prob".into())));
-    let prob = match raw {
+    let prob = match spec.params.get_or_null("dropout_prob") {
         None => 0.2,
-        Some(Value::Null) => 0.0,
-        Some(_) => spec.params.f64_or("dropout_prob", 0.2)?,
+        Some(n) if n.value.is_null() => 0.0,
+        Some(n) => n.as_f64()?,
     };
     if !(0.0..1.0).contains(&prob) {
         let n = spec.params.require("dropout_prob")?;
@@ -319,30 +318,6 @@ fn reject_non_default(spec: &ModelSpec) -> Result<()> {
             }
         }
     }
-    spec.params.warn_unknown_keys(&[
-        "name",
-        "class_num",
-        "pretrained",
-        "use_ssld",
-        "return_patterns",
-        "return_stages",
-        "stages_pattern",
-        "stem",
-        "use_first_short_conv",
-        "dropout_prob",
-        "class_expand",
-        "use_last_conv",
-        "stride_list",
-        "lr_mult_list",
-        "act",
-        "stem_act",
-        "layer_type",
-        "input_image_channel",
-        "inplanes",
-        "stop_after",
-        "freeze_befor",
-        "scale",
-    ]);
     if spec.name.starts_with("MobileNetV3") {
         return Ok(());
     }

@@ -2,18 +2,19 @@
 //! set of named sub-models, some frozen, whose outputs the losses read by name and key.
 
 pub mod backbone;
+pub mod config;
 pub mod mobilenet_v3;
 pub mod pplcnet;
 pub mod resnet;
 pub mod taps;
 
-use crate::config::{ArchConfig, ModelSpec};
 use crate::nn::BnMode;
 use anyhow::{anyhow, bail, Result};
 pub use backbone::{Backbone, BACKBONES};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+pub use config::{ArchConfig, AttentionTransform, ModelSpec, Pretrained};
 use std::collections::BTreeMap;
 pub use taps::parse_taps;
 
@@ -190,7 +191,7 @@ impl<B: AutodiffBackend> DistillationModel<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Node, Pretrained};
+    use crate::config::Node;
     use burn::backend::Flex;
     use std::path::Path;
 
@@ -226,17 +227,8 @@ mod tests {
     #[test]
     fn frozen_teacher_bn_is_eval_unless_paddleclas_mode() {
         let yaml = "{name: DistillationModel, class_num: 4, freeze_params_list: [True, False], models: [{Teacher: {name: resnet8}}, {Student: {name: resnet8}}]}";
-        let node = Node::root(serde_yaml::from_str(yaml).unwrap(), Path::new("t.yaml"));
-        let root = Node::root(
-            serde_yaml::to_value(serde_yaml::Mapping::from_iter([(
-                "Arch".into(),
-                node.value.clone(),
-            )]))
-            .unwrap(),
-            Path::new("t.yaml"),
-        );
-        let cfg =
-            crate::config::Config::from_tree(root.value, Path::new("t.yaml"), vec![]).unwrap();
+        let root = Node::root(serde_yaml::from_str(yaml).unwrap(), Path::new("t.yaml"));
+        let arch = ArchConfig::parse(&root, &root.get_or_empty("Global")).unwrap();
         let x = Tensor::random(
             [4, 3, 8, 8],
             burn::tensor::Distribution::Normal(1.0, 1.0),
@@ -244,7 +236,7 @@ mod tests {
         );
         for paddle_mode in [false, true] {
             let model = DistillationModel::<burn::backend::Autodiff<Flex>>::new(
-                &cfg.arch,
+                &arch,
                 paddle_mode,
                 &Default::default(),
             )

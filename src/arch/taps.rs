@@ -5,7 +5,7 @@
 //! are resolved once, at build time, to indices into that list; the forward pass then collects
 //! the tapped tensors with a [`Taps`].
 
-use crate::config::ModelSpec;
+use super::ModelSpec;
 use anyhow::{anyhow, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;

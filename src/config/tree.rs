@@ -1,10 +1,12 @@
 //! The generic config tree: YAML as PaddleClas reads it, `-o` overrides, and a path-carrying view
-//! (`Node`) that typed parsing goes through so every error names the file and the key path.
+//! (`Node`) that typed parsing goes through so every error names the file and the key path, and
+//! that records what was read so keys nobody reads can be reported (see [`super::report`]).
 
 use serde_yaml::{Mapping, Value};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// An error in a config, with the file and the key path it concerns.
 #[derive(Debug, Clone, PartialEq)]
@@ -265,6 +267,11 @@ pub(crate) fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// A mapping key as text (YAML allows non-string keys such as `1:`).
+pub(super) fn key_name(k: &Value) -> String {
+    k.as_str().map(str::to_string).unwrap_or_else(|| show(k))
+}
+
 fn show(v: &Value) -> String {
     match v {
         Value::String(s) => format!("{s:?}"),
@@ -275,22 +282,111 @@ fn show(v: &Value) -> String {
     }
 }
 
+/// What the consumers of one config tree looked up; shared by every [`Node`] made from one
+/// [`Node::root`]. The unknown-key report compares the tree against it.
+#[derive(Debug, Default)]
+pub(super) struct ReadLog {
+    /// Per mapping path, the keys looked up in it, present or not: the absent ones are known keys
+    /// too, and a misspelt key's suggestion comes from them.
+    pub(super) keys: HashMap<String, BTreeSet<String>>,
+    /// Mappings a consumer looked into: their keys nobody read are reported. A mapping nobody
+    /// visited (say, the parameters of a loss this command does not build) is not.
+    pub(super) visited: HashSet<String>,
+}
+
 /// A position in the config tree: the value, its key path and the file, so parsing code can say
-/// exactly where a bad value is.
-#[derive(Clone, Debug)]
+/// exactly where a bad value is. Every lookup through it (`get`, `require` and the typed getters,
+/// also of absent keys) is recorded in the tree's [`ReadLog`].
+#[derive(Clone)]
 pub struct Node {
     pub value: Value,
     pub path: String,
     pub file: Arc<PathBuf>,
+    reads: Arc<Mutex<ReadLog>>,
+    /// False for a [`Node::preview`]: lookups record known keys but visit no mapping.
+    visits: bool,
+}
+
+impl fmt::Debug for Node {
+    // The read log is the whole tree's: leave it out of every node's output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("path", &self.path)
+            .field("file", &self.file)
+            .field("value", &self.value)
+            .finish()
+    }
 }
 
 impl Node {
+    /// The root of a tree read from `file`, with a fresh read log.
     pub fn root(value: Value, file: &Path) -> Self {
+        Self::root_at(value, file, "")
+    }
+
+    /// A tree whose root sits at `path` in `file` (e.g. the `transforms` entry of an export's
+    /// metadata), so its errors name that path.
+    pub fn root_at(value: Value, file: &Path, path: &str) -> Self {
         Node {
             value,
-            path: String::new(),
+            path: path.to_string(),
             file: Arc::new(file.to_path_buf()),
+            reads: Arc::default(),
+            visits: true,
         }
+    }
+
+    /// A node below this one, sharing its file and read log.
+    fn child(&self, value: Value, path: String) -> Node {
+        Node {
+            value,
+            path,
+            file: self.file.clone(),
+            reads: self.reads.clone(),
+            visits: self.visits,
+        }
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, ReadLog> {
+        // A panic elsewhere while holding the lock leaves the log usable (it only grows).
+        self.reads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, keys: &[&str]) {
+        let mut log = self.log();
+        let known = log.keys.entry(self.path.clone()).or_default();
+        known.extend(keys.iter().map(|k| k.to_string()));
+        if self.visits {
+            log.visited.insert(self.path.clone());
+        }
+    }
+
+    /// The same mapping for reading a few of its keys ahead of the component that owns the rest
+    /// (a loss's `weight`, a model's `name`): keys looked up through the preview (or nodes got
+    /// from it) count as known, but the mapping is not marked visited, so a command that never
+    /// builds that component is not told about keys only the component would have read.
+    pub fn preview(&self) -> Node {
+        Node {
+            visits: false,
+            ..self.clone()
+        }
+    }
+
+    /// Marks this mapping as read by its owner even when no key of it is looked up (a transform
+    /// without parameters): every key found in it is then reported unless read.
+    pub fn visit(&self) {
+        self.record(&[]);
+    }
+
+    /// Declares `keys` known without reading them here: keys kd-launch accepts and deliberately
+    /// ignores, or keys another component reads later. Callers say which and why.
+    pub fn accept(&self, keys: &[&str]) {
+        self.record(keys);
+    }
+
+    /// The tree's read log, for the unknown-key report.
+    pub(super) fn read_log(&self) -> std::sync::MutexGuard<'_, ReadLog> {
+        self.log()
     }
 
     pub fn error(&self, message: impl Into<String>) -> ConfigError {
@@ -302,24 +398,27 @@ impl Node {
     }
 
     fn at(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
+        join_key(&self.path, key)
     }
 
     /// The child under `key`; `None` when absent or null (YAML `key:` with nothing after it).
     pub fn get(&self, key: &str) -> Option<Node> {
+        self.get_or_null(key).filter(|n| !n.value.is_null())
+    }
+
+    /// The child under `key`, null included: for the keys where null means something other than
+    /// absent (`dropout_prob: null` is "no dropout layer").
+    pub fn get_or_null(&self, key: &str) -> Option<Node> {
+        self.record(&[key]);
         let v = self.value.as_mapping()?.get(Value::String(key.into()))?;
-        if v.is_null() {
-            return None;
-        }
-        Some(Node {
-            value: v.clone(),
-            path: self.at(key),
-            file: self.file.clone(),
-        })
+        Some(self.child(v.clone(), self.at(key)))
+    }
+
+    /// The section under `key`, or an empty mapping at its path when absent, so that its getters
+    /// give their defaults.
+    pub fn get_or_empty(&self, key: &str) -> Node {
+        self.get(key)
+            .unwrap_or_else(|| self.child(Value::Mapping(Mapping::new()), self.at(key)))
     }
 
     pub fn require(&self, key: &str) -> ConfigResult<Node> {
@@ -338,11 +437,7 @@ impl Node {
     pub fn keys(&self) -> Vec<String> {
         self.value
             .as_mapping()
-            .map(|m| {
-                m.keys()
-                    .map(|k| k.as_str().map(str::to_string).unwrap_or_else(|| show(k)))
-                    .collect()
-            })
+            .map(|m| m.keys().map(key_name).collect())
             .unwrap_or_default()
     }
 
@@ -351,11 +446,7 @@ impl Node {
             Value::Sequence(seq) => Ok(seq
                 .iter()
                 .enumerate()
-                .map(|(i, v)| Node {
-                    value: v.clone(),
-                    path: format!("{}[{i}]", self.path),
-                    file: self.file.clone(),
-                })
+                .map(|(i, v)| self.child(v.clone(), index_key(&self.path, i)))
                 .collect()),
             other => Err(self.error(format!("expected a list, got {}", show(other)))),
         }
@@ -380,6 +471,7 @@ impl Node {
             .as_str()
             .ok_or_else(|| self.error("the entry name must be a string"))?
             .to_string();
+        self.record(&[&name]);
         let value = if v.is_null() {
             Value::Mapping(Mapping::new())
         } else {
@@ -391,14 +483,8 @@ impl Node {
                 show(&value)
             )));
         }
-        Ok((
-            name.clone(),
-            Node {
-                value,
-                path: format!("{}.{name}", self.path),
-                file: self.file.clone(),
-            },
-        ))
+        let params = self.child(value, self.at(&name));
+        Ok((name, params))
     }
 
     pub fn as_f64(&self) -> ConfigResult<f64> {
@@ -501,21 +587,20 @@ impl Node {
             _ => Err(n.error("expected an integer or a [width, height] pair")),
         }
     }
+}
 
-    /// Warns (through `tracing`) about keys this code does not read: PaddleClas passes them to a
-    /// constructor, where an unknown one would be a TypeError; we keep going but say so.
-    pub fn warn_unknown_keys(&self, known: &[&str]) {
-        for k in self.keys() {
-            if !known.contains(&k.as_str()) {
-                tracing::warn!(
-                    "{}: {}: unknown key, ignored (known: {})",
-                    self.file.display(),
-                    self.at(&k),
-                    known.join(", ")
-                );
-            }
-        }
+/// The path of `key` in the mapping at `path`.
+pub(super) fn join_key(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
     }
+}
+
+/// The path of entry `i` of the list at `path`.
+pub(super) fn index_key(path: &str, i: usize) -> String {
+    format!("{path}[{i}]")
 }
 
 /// Evaluates `a`, `a/b` or `a*b` with numeric operands (the only expressions configs use).

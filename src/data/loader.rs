@@ -103,7 +103,7 @@ impl Loader {
     /// Dataset, transforms, sampler and loader of a `DataLoader.<mode>` section. `train` keeps
     /// the section's shuffle/drop_last; evaluation never shuffles or drops.
     pub fn from_section(
-        sec: &crate::config::LoaderSection,
+        sec: &super::LoaderSection,
         at: Placement,
         train: bool,
     ) -> Result<(Loader, super::BatchSampler)> {

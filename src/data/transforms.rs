@@ -63,8 +63,11 @@ pub enum Transform {
 }
 
 impl Transform {
+    /// Builds one transform from its config entry. Its parameters are read here; the
+    /// unknown-key report names any other (a transform with none still counts as read).
     pub fn from_spec(spec: &Spec) -> ConfigResult<Transform> {
         let p = &spec.params;
+        p.visit();
         let pair = |key: &str, default: (f64, f64)| -> ConfigResult<(f64, f64)> {
             match p.f64_list(key)? {
                 None => Ok(default),
@@ -83,7 +86,14 @@ impl Transform {
         };
         let t = match spec.name.as_str() {
             "DecodeImage" => {
-                p.warn_unknown_keys(&["to_rgb", "channel_first", "backend", "to_np"]);
+                // The decoding library (pil or cv2) and the output type (numpy or not): kd-launch
+                // decodes with the `image` crate into arrays either way.
+                p.accept(&["backend", "to_np"]);
+                if !p.bool_or("to_rgb", true)? {
+                    return Err(p
+                        .require("to_rgb")?
+                        .error("to_rgb: False (BGR images) is not supported"));
+                }
                 if p.bool_or("channel_first", false)? {
                     return Err(p
                         .require("channel_first")?
@@ -92,14 +102,15 @@ impl Transform {
                 Transform::Decode
             }
             "RandCropImage" => {
-                p.warn_unknown_keys(&[
-                    "size",
-                    "scale",
-                    "ratio",
-                    "interpolation",
-                    "use_log_aspect",
-                    "backend",
-                ]);
+                // kd-launch resizes bilinearly whatever the library and filter asked for.
+                p.accept(&["interpolation", "backend"]);
+                if p.bool_or("use_log_aspect", false)? {
+                    tracing::warn!(
+                        "{}: {}.use_log_aspect is ignored: kd-launch draws aspect ratios uniformly",
+                        p.file.display(),
+                        p.path
+                    );
+                }
                 let ratio = pair("ratio", (3.0 / 4.0, 4.0 / 3.0))?;
                 let scale = pair("scale", (0.08, 1.0))?;
                 if !(scale.0 > 0.0 && scale.0 <= scale.1 && ratio.0 > 0.0 && ratio.0 <= ratio.1) {
@@ -125,13 +136,9 @@ impl Transform {
                 Transform::RandFlip { flip_code }
             }
             "ResizeImage" => {
-                p.warn_unknown_keys(&[
-                    "resize_short",
-                    "size",
-                    "interpolation",
-                    "backend",
-                    "return_numpy",
-                ]);
+                // kd-launch resizes bilinearly whatever the library and filter asked for, and
+                // its images are arrays whatever the output type asked for.
+                p.accept(&["interpolation", "backend", "return_numpy"]);
                 let short = p.usize("resize_short")?.map(|s| s as u32);
                 if short == Some(0) {
                     return Err(p.require("resize_short")?.error("must be positive"));
@@ -146,14 +153,11 @@ impl Transform {
                 size: size("size")?,
             },
             "NormalizeImage" => {
-                p.warn_unknown_keys(&[
-                    "scale",
-                    "mean",
-                    "std",
-                    "order",
-                    "output_fp16",
-                    "channel_num",
-                ]);
+                if p.usize_or("channel_num", 3)? != 3 {
+                    return Err(p.require("channel_num")?.error(
+                        "only 3 channels are supported (PaddleClas pads a 4th with zeros)",
+                    ));
+                }
                 let three = |key: &str, d: [f64; 3]| -> ConfigResult<[f32; 3]> {
                     match p.f64_list(key)? {
                         None => Ok(d.map(|x| x as f32)),
@@ -375,19 +379,52 @@ mod tests {
     use std::path::Path;
 
     fn spec(yaml: &str) -> Vec<Transform> {
+        built(yaml).1.unwrap()
+    }
+
+    /// The transforms of a YAML list, and the tree they were read from.
+    fn built(yaml: &str) -> (Node, ConfigResult<Vec<Transform>>) {
         let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
-        let root = Node::root(v, Path::new("t.yaml"));
-        let specs: Vec<Spec> = root
-            .items()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                e.single_key_entry()
-                    .map(|(name, params)| Spec { name, params })
-                    .unwrap()
-            })
-            .collect();
-        build(&specs).unwrap()
+        let root = Node::root_at(v, Path::new("t.yaml"), "ops");
+        let transforms = build(&Spec::list(&root).unwrap());
+        (root, transforms)
+    }
+
+    #[test]
+    fn unread_parameters_are_reported_once_built() {
+        let (root, t) = built(
+            "[{DecodeImage: {to_rgb: True, backend: cv2}}, {ToCHWImage: {order: chw}}, {NormalizeImage: {scale: 1.0/255.0, mean: [0, 0, 0], sdt: [1, 1, 1]}}]",
+        );
+        t.unwrap();
+        let report: Vec<String> = root.unread_keys().iter().map(|k| k.to_string()).collect();
+        assert_eq!(
+            report,
+            [
+                "t.yaml: ops[1].ToCHWImage.order: unknown key, ignored",
+                "t.yaml: ops[2].NormalizeImage.sdt: unknown key, ignored; did you mean `ops[2].NormalizeImage.std`?",
+            ]
+        );
+    }
+
+    #[test]
+    fn unsupported_values_name_file_and_key() {
+        for (yaml, key) in [
+            (
+                "[{DecodeImage: {to_rgb: False}}]",
+                "ops[0].DecodeImage.to_rgb",
+            ),
+            (
+                "[{DecodeImage: {channel_first: True}}]",
+                "ops[0].DecodeImage.channel_first",
+            ),
+            (
+                "[{NormalizeImage: {channel_num: 4}}]",
+                "ops[0].NormalizeImage.channel_num",
+            ),
+        ] {
+            let e = built(yaml).1.unwrap_err().to_string();
+            assert!(e.starts_with(&format!("t.yaml: {key}: ")), "{e}");
+        }
     }
 
     fn png(w: u32, h: u32, grey: bool) -> Vec<u8> {

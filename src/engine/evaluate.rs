@@ -2,9 +2,9 @@
 //! top-k metrics averaged over the (sharded, then reduced) eval set.
 
 use super::setup::{batch_tensors, check_labels, load_initial_weights, loader_threads};
+use super::Config;
 use super::RunOptions;
 use crate::arch::DistillationModel;
-use crate::config::Config;
 use crate::data::{Loader, Placement};
 use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::Averages;
@@ -272,6 +272,7 @@ pub fn eval_command<B: AutodiffBackend>(
         .then(|| CombinedLoss::for_eval(&cfg.eval_loss, &cfg.arch))
         .transpose()?;
     let data = EvalData::new(cfg, opts.collective.rank(), opts.collective.world_size())?;
+    super::log_unknown_keys(cfg, opts.collective.is_main());
     let epoch = super::checkpoint::TrainState::read(
         g.pretrained_model
             .as_ref()

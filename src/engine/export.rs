@@ -4,8 +4,9 @@
 
 use super::checkpoint;
 use super::setup::load_initial_weights;
+use super::Config;
 use crate::arch::DistillationModel;
-use crate::config::{Config, Spec};
+use crate::config::Spec;
 use crate::weights::named as weights;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
@@ -90,6 +91,7 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
         _ => bail!("{}: export needs Infer.transforms (or DataLoader.Eval transforms) to record the preprocessing", cfg.file.display()),
     };
     crate::data::transforms::build(transforms)?;
+    super::log_unknown_keys(cfg, true);
     let label_names = match cfg
         .infer
         .as_ref()

@@ -3,8 +3,9 @@
 
 use super::export::{read_label_map, ExportMeta, FORMAT, META_FILE, WEIGHTS_FILE};
 use super::setup::load_initial_weights;
-use crate::arch::{Backbone, DistillationModel};
-use crate::config::{Config, ModelSpec, Node, Pretrained, Spec};
+use super::Config;
+use crate::arch::{Backbone, DistillationModel, ModelSpec, Pretrained};
+use crate::config::{Node, Spec};
 use crate::data::transforms::{run_pipeline, Transform};
 use crate::nn::BnMode;
 use crate::weights::named as weights;
@@ -70,19 +71,7 @@ pub fn image_list(path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn specs_from_value(v: &serde_yaml::Value, file: &Path) -> Result<Vec<Spec>> {
-    let node = Node {
-        value: v.clone(),
-        path: "transforms".into(),
-        file: std::sync::Arc::new(file.to_path_buf()),
-    };
-    Ok(node
-        .items()?
-        .iter()
-        .map(|e| {
-            e.single_key_entry()
-                .map(|(name, params)| Spec { name, params })
-        })
-        .collect::<Result<_, _>>()?)
+    Ok(Spec::list(&Node::root_at(v.clone(), file, "transforms"))?)
 }
 
 /// A loaded inference model with its preprocessing.
@@ -236,6 +225,7 @@ pub fn infer<B: AutodiffBackend>(
                 batch_size: inf.batch_size,
                 device: device.clone(),
             };
+            super::log_unknown_keys(cfg, true);
             (predictor, inf.infer_imgs.clone())
         }
     };

@@ -2,6 +2,7 @@
 //! backends and chosen at run time from `Global.device`.
 
 pub mod checkpoint;
+pub mod config;
 pub mod evaluate;
 pub mod export;
 pub mod infer;
@@ -10,12 +11,13 @@ pub mod setup;
 pub mod train;
 pub mod trainable;
 
-use crate::config::{Config, DeviceKind};
+use crate::arch::Pretrained;
 use crate::parallel::Collective;
 use anyhow::Result;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+pub use config::{Config, DeviceKind, GlobalConfig};
 pub use evaluate::EvalReport;
 pub use infer::{InferResult, InferSource};
 pub use train::TrainSummary;
@@ -52,12 +54,12 @@ pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
 macro_rules! with_backend {
     ($cfg:expr, $opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
         match $cfg.global.device {
-            $crate::config::DeviceKind::Cpu => {
+            $crate::engine::DeviceKind::Cpu => {
                 type $B = $crate::engine::CpuBackend;
                 let $dev = Default::default();
                 $body
             }
-            $crate::config::DeviceKind::Gpu => $crate::gpu_unavailable_or!($opts, |$B, $dev| $body),
+            $crate::engine::DeviceKind::Gpu => $crate::gpu_unavailable_or!($opts, |$B, $dev| $body),
         }
     }};
 }
@@ -189,8 +191,8 @@ pub fn check(cfg: &Config) -> Result<String> {
         }
         out.push(line);
         match &slot.spec.pretrained {
-            crate::config::Pretrained::None => {}
-            crate::config::Pretrained::Released => {
+            Pretrained::None => {}
+            Pretrained::Released => {
                 match crate::weights::import::resolve_released(
                     &slot.spec,
                     &cfg.global.pretrained_dir,
@@ -203,16 +205,14 @@ pub fn check(cfg: &Config) -> Result<String> {
                     Err(e) => out.push(format!("warning: {e:#}")),
                 }
             }
-            crate::config::Pretrained::Path(p) => {
-                match checkpoint::resolve_model_file(p, &slot.key) {
-                    Ok(f) => out.push(format!(
-                        "model {}: pretrained weights {}",
-                        slot.key,
-                        f.display()
-                    )),
-                    Err(e) => out.push(format!("warning: model {}: {e:#}", slot.key)),
-                }
-            }
+            Pretrained::Path(p) => match checkpoint::resolve_model_file(p, &slot.key) {
+                Ok(f) => out.push(format!(
+                    "model {}: pretrained weights {}",
+                    slot.key,
+                    f.display()
+                )),
+                Err(e) => out.push(format!("warning: model {}: {e:#}", slot.key)),
+            },
         }
     }
     out.push(format!("infer model: {}", cfg.arch.infer_model_name));
@@ -246,7 +246,7 @@ pub fn check(cfg: &Config) -> Result<String> {
     }
     if let Some(o) = &cfg.optimizer {
         crate::optim::sgd_config(o)?;
-        crate::optim::LrSchedule::new(&o.lr, cfg.global.epochs, 1)?;
+        crate::optim::LrSchedule::new(&o.lr, cfg.global.epochs, 1);
         out.push(format!(
             "optimizer: {} (momentum {}, weight decay {}), lr {} {} over {} epochs",
             o.name, o.momentum, o.weight_decay, o.lr.name, o.lr.learning_rate, cfg.global.epochs
@@ -274,5 +274,20 @@ pub fn check(cfg: &Config) -> Result<String> {
     for w in &cfg.warnings {
         out.push(format!("warning: {w}"));
     }
+    // Everything the config describes has been built above: every key is now read or unknown.
+    for w in cfg.unknown_key_warnings() {
+        out.push(format!("warning: {w}"));
+    }
     Ok(out.join("\n"))
+}
+
+/// Logs the config's keys that nothing read (see [`Config::unknown_key_warnings`]): called by
+/// each command once it has built everything it uses and before any work, and only where `log`
+/// (rank 0, so a group says it once).
+pub(crate) fn log_unknown_keys(cfg: &Config, log: bool) {
+    if log {
+        for w in cfg.unknown_key_warnings() {
+            tracing::warn!("{w}");
+        }
+    }
 }

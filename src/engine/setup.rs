@@ -2,8 +2,9 @@
 //! against the models, loader threads chosen, batches made into tensors.
 
 use super::checkpoint;
+use super::Config;
 use crate::arch::DistillationModel;
-use crate::config::{Config, Pretrained};
+use crate::arch::Pretrained;
 use crate::data::ImageNetDataset;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -87,7 +88,7 @@ pub(crate) fn check_labels(ds: &ImageNetDataset, cfg: &Config, list: &Path) -> R
 /// `pretrained: True` must find its released file before any work starts.
 pub(crate) fn require_trainable_weights(cfg: &Config) -> Result<()> {
     for m in &cfg.arch.models {
-        if m.pretrained == crate::config::Pretrained::Released {
+        if m.pretrained == Pretrained::Released {
             crate::weights::import::resolve_released(m, &cfg.global.pretrained_dir)
                 .with_context(|| cfg.file.display().to_string())?;
         }

@@ -10,9 +10,8 @@ use super::setup::{
     batch_tensors, check_labels, load_initial_weights, loader_threads, require_trainable_weights,
 };
 use super::trainable::{load_loss_parts, save_loss_parts, TrainableSet};
-use super::RunOptions;
+use super::{Config, RunOptions};
 use crate::arch::DistillationModel;
-use crate::config::Config;
 use crate::data::{Batch, BatchSampler, Loader, Placement};
 use crate::loss::LossPart;
 use crate::loss::{CombinedLoss, LossContext};
@@ -153,8 +152,10 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         };
 
         let opt_cfg = cfg.optimizer()?;
-        let schedule = LrSchedule::new(&opt_cfg.lr, g.epochs, iters)?;
+        let schedule = LrSchedule::new(&opt_cfg.lr, g.epochs, iters);
         let mut optim: Optim<B> = sgd_config(opt_cfg)?.init();
+        // Models, losses, loaders and the schedule are built: the config's keys are all read now.
+        super::log_unknown_keys(cfg, opts.collective.is_main());
 
         let mut state = TrainState {
             models: keys,

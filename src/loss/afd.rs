@@ -4,7 +4,8 @@
 use super::binding::{check_channels, feature, output, Binding};
 use super::common::{config_error, normal};
 use super::registry::{DistillLoss, LossPart, TermInput};
-use crate::config::{ArchConfig, Node};
+use crate::arch::ArchConfig;
+use crate::config::Node;
 use crate::nn::layers::{BatchNorm2d, BnMode};
 use anyhow::{anyhow, bail, Result};
 use burn::config::Config;

@@ -4,7 +4,8 @@
 use super::binding::{output, Binding};
 use super::common::{accept_unused, config_error, one_hot};
 use super::registry::{DistillLoss, TermInput};
-use crate::config::{ArchConfig, Node};
+use crate::arch::ArchConfig;
+use crate::config::Node;
 use anyhow::Result;
 use burn::config::Config;
 use burn::tensor::activation::{log_softmax, softmax};

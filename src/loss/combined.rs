@@ -3,8 +3,9 @@
 
 use super::binding::{read_key, Binding};
 use super::registry::{LossKind, LossPart, TermInput};
+use crate::arch::ArchConfig;
 use crate::arch::Outputs;
-use crate::config::{ArchConfig, LossSpec};
+use crate::config::LossSpec;
 use crate::nn::BnMode;
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::backend::Backend;

@@ -14,10 +14,10 @@ pub(crate) fn config_error(p: &Node, message: String) -> anyhow::Error {
     anyhow!("{}", p.error(message))
 }
 
-/// Reads `key` only to accept it: PaddleClas takes it for this loss but it changes nothing
+/// Accepts `key`: PaddleClas takes it for this loss but it changes nothing
 /// (a read key is not reported as unknown).
 pub(crate) fn accept_unused(p: &Node, key: &str) {
-    let _ = p.get(key);
+    p.accept(&[key]);
 }
 
 /// Softened losses divide by the temperature, so it must be positive.

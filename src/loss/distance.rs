@@ -3,7 +3,8 @@
 use super::binding::Binding;
 use super::common::{accept_unused, config_error};
 use super::registry::{DistillLoss, TermInput};
-use crate::config::{ArchConfig, Node};
+use crate::arch::ArchConfig;
+use crate::config::Node;
 use anyhow::Result;
 use burn::config::Config;
 use burn::tensor::backend::Backend;

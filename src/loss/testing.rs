@@ -1,8 +1,9 @@
 //! Test helpers: loss entries from YAML and a small batch of outputs.
 
 use super::{CombinedLoss, LossContext, LossValues};
+use crate::arch::ArchConfig;
 use crate::arch::{ModelOutput, Outputs};
-use crate::config::{ArchConfig, LossSpec, Node};
+use crate::config::{LossSpec, Node};
 use crate::nn::BnMode;
 use anyhow::Result;
 use burn::backend::Flex;

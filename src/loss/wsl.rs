@@ -3,7 +3,8 @@
 use super::binding::Binding;
 use super::common::{check_temperature, one_hot, target_labels};
 use super::registry::{DistillLoss, TermInput};
-use crate::config::{ArchConfig, Node};
+use crate::arch::ArchConfig;
+use crate::config::Node;
 use anyhow::Result;
 use burn::config::Config;
 use burn::tensor::activation::{log_softmax, softmax};

@@ -2,9 +2,7 @@
 //! `by_epoch`) to a rate; a linear warm-up runs first and shifts the schedule, as Paddle's
 //! `LinearWarmup` does.
 
-use crate::config::{ConfigResult, LrConfig};
-
-pub const SCHEDULES: &[&str] = &["ConstLR", "MultiStepDecay", "Piecewise", "Cosine", "Step"];
+use super::config::{LrConfig, LrDecay};
 
 #[derive(Clone, Debug, PartialEq)]
 enum Shape {
@@ -38,79 +36,52 @@ pub struct LrSchedule {
 
 impl LrSchedule {
     /// `iters_per_epoch` is injected like PaddleClas's `step_each_epoch` (the YAML value is ignored).
-    pub fn new(cfg: &LrConfig, epochs: usize, iters_per_epoch: usize) -> ConfigResult<Self> {
-        let p = &cfg.params;
+    pub fn new(cfg: &LrConfig, epochs: usize, iters_per_epoch: usize) -> Self {
         let spe = if cfg.by_epoch {
             1
         } else {
             iters_per_epoch.max(1)
         };
         let warmup_steps = (cfg.warmup_epoch * spe as f64).round() as usize;
-        let epochs_to_steps = |v: Vec<usize>| v.into_iter().map(|e| e * spe).collect::<Vec<_>>();
-        let shape = match cfg.name.as_str() {
-            "ConstLR" | "Constant" => Shape::Const,
-            "MultiStepDecay" => {
-                let m = p
-                    .usize_list("milestones")?
-                    .ok_or_else(|| p.error("milestones: missing (required)"))?;
-                Shape::Multi {
-                    boundaries: epochs_to_steps(m),
-                    gamma: p.f64_or("gamma", 0.1)?,
-                }
-            }
-            "Step" => {
-                let step = p
-                    .usize("step_size")?
-                    .ok_or_else(|| p.error("step_size: missing (required)"))?;
-                let b = (1..=epochs / step.max(1)).map(|k| k * step).collect();
-                Shape::Multi {
-                    boundaries: epochs_to_steps(b),
-                    gamma: p.f64_or("gamma", 0.1)?,
-                }
-            }
-            "Piecewise" => {
-                let b = p
-                    .usize_list("decay_epochs")?
-                    .ok_or_else(|| p.error("decay_epochs: missing (required)"))?;
-                let values = p
-                    .f64_list("values")?
-                    .ok_or_else(|| p.error("values: missing (required)"))?;
-                if values.len() != b.len() + 1 {
-                    return Err(p.error(format!(
-                        "Piecewise needs one more value than decay_epochs ({} values, {} boundaries)",
-                        values.len(),
-                        b.len()
-                    )));
-                }
-                Shape::Piecewise {
-                    boundaries: epochs_to_steps(b),
-                    values,
-                }
-            }
-            "Cosine" => Shape::Cosine {
-                total: ((epochs as f64 - cfg.warmup_epoch).max(1.0) * spe as f64) as usize,
-                eta_min: p.f64_or("eta_min", 0.0)?,
+        let epochs_to_steps = |v: &[usize]| v.iter().map(|e| e * spe).collect::<Vec<_>>();
+        let shape = match &cfg.decay {
+            LrDecay::Const => Shape::Const,
+            LrDecay::MultiStep { milestones, gamma } => Shape::Multi {
+                boundaries: epochs_to_steps(milestones),
+                gamma: *gamma,
             },
-            other => {
-                return Err(p.error(format!(
-                    "unknown lr schedule {other:?}; known: {}",
-                    SCHEDULES.join(", ")
-                )));
+            LrDecay::Step { step_size, gamma } => {
+                let b: Vec<usize> = (1..=epochs / step_size).map(|k| k * step_size).collect();
+                Shape::Multi {
+                    boundaries: epochs_to_steps(&b),
+                    gamma: *gamma,
+                }
             }
+            LrDecay::Piecewise {
+                decay_epochs,
+                values,
+            } => Shape::Piecewise {
+                boundaries: epochs_to_steps(decay_epochs),
+                values: values.clone(),
+            },
+            LrDecay::Cosine { eta_min } => Shape::Cosine {
+                total: ((epochs as f64 - cfg.warmup_epoch).max(1.0) * spe as f64) as usize,
+                eta_min: *eta_min,
+            },
         };
         // PaddleClas's Piecewise takes its first value as the base rate.
         let base = match &shape {
             Shape::Piecewise { values, .. } => values[0],
             _ => cfg.learning_rate,
         };
-        Ok(LrSchedule {
+        LrSchedule {
             base,
             warmup_steps,
             warmup_start: cfg.warmup_start_lr,
             shape,
             steps_per_epoch: spe,
             by_epoch: cfg.by_epoch,
-        })
+        }
     }
 
     /// The rate at global iteration `iter` (0-based) during epoch `epoch` (0-based).
@@ -152,16 +123,8 @@ mod tests {
 
     fn lr(yaml: &str, epochs: usize, ipe: usize) -> LrSchedule {
         let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
-        let n = Node::root(v, Path::new("t.yaml"));
-        let cfg = LrConfig {
-            name: n.str("name").unwrap().unwrap(),
-            learning_rate: n.f64_or("learning_rate", 0.0).unwrap(),
-            warmup_epoch: n.f64_or("warmup_epoch", 0.0).unwrap(),
-            warmup_start_lr: n.f64_or("warmup_start_lr", 0.0).unwrap(),
-            by_epoch: n.bool_or("by_epoch", false).unwrap(),
-            params: n,
-        };
-        LrSchedule::new(&cfg, epochs, ipe).unwrap()
+        let cfg = LrConfig::parse(&Node::root(v, Path::new("t.yaml"))).unwrap();
+        LrSchedule::new(&cfg, epochs, ipe)
     }
 
     #[test]

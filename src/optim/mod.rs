@@ -1,12 +1,13 @@
 //! Optimizers and learning-rate schedules.
 
+pub mod config;
 pub mod lr;
 
-use crate::config::OptimizerConfig;
 use anyhow::{bail, Result};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::SgdConfig;
+pub use config::{LrConfig, LrDecay, OptimizerConfig, SCHEDULES};
 pub use lr::LrSchedule;
 
 pub const OPTIMIZERS: &[&str] = &["Momentum", "SGD"];

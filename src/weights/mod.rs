@@ -127,12 +127,13 @@ pub fn load_models<B: AutodiffBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Node, Pretrained};
+    use crate::arch::{ModelSpec, Pretrained};
+    use crate::config::Node;
     use burn::backend::Flex;
 
-    fn spec(name: &str, class_num: usize) -> crate::config::ModelSpec {
+    fn spec(name: &str, class_num: usize) -> ModelSpec {
         let value = serde_yaml::from_str(&format!("{{name: {name}}}")).unwrap();
-        crate::config::ModelSpec {
+        ModelSpec {
             key: "m".into(),
             name: name.into(),
             class_num,

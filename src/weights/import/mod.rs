@@ -11,8 +11,7 @@ pub mod pickle;
 pub mod tensors;
 
 use super::named::{self as weights, NamedTensor};
-use crate::arch::Backbone;
-use crate::config::ModelSpec;
+use crate::arch::{Backbone, ModelSpec};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use std::collections::BTreeMap;
