@@ -1,6 +1,7 @@
 //! The backbone registry: config names (`Arch.name` / `Arch.models[i].<Key>.name`) to networks,
 //! their config keys, and their feature taps.
 
+use super::cpu_conv::ConvBackend;
 use super::layers::BnMode;
 use super::mobilenet_v3::{MobileNetV3, MobileNetV3Size};
 use super::pplcnet::PPLCNet;
@@ -206,21 +207,6 @@ impl<B: Backend> Backbone<B> {
         }
     }
 
-    /// Logits and the features at `taps` (indices into [`Self::tap_names`]), in that order.
-    /// `mode` drives BatchNorm and dropout alike (`Train`: batch statistics, dropout on).
-    pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode, taps: &[usize]) -> ModelOutput<B> {
-        let (logits, features) = match self {
-            Backbone::ResNet(r) => r.forward(x, mode, taps),
-            Backbone::PPLCNet(m) => m.forward(x, mode, taps),
-            Backbone::MobileNetV3(m) => m.forward(x, mode, taps),
-        };
-        ModelOutput {
-            logits,
-            features,
-            feature_names: vec![],
-        }
-    }
-
     /// Trainable parameters: `num_params` minus BatchNorm running statistics.
     pub fn num_trainable_params(&self) -> usize {
         #[derive(Default)]
@@ -245,6 +231,23 @@ impl<B: Backend> Backbone<B> {
         let mut c = Count::default();
         self.visit(&mut c);
         c.total
+    }
+}
+
+impl<B: ConvBackend> Backbone<B> {
+    /// Logits and the features at `taps` (indices into [`Self::tap_names`]), in that order.
+    /// `mode` drives BatchNorm and dropout alike (`Train`: batch statistics, dropout on).
+    pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode, taps: &[usize]) -> ModelOutput<B> {
+        let (logits, features) = match self {
+            Backbone::ResNet(r) => r.forward(x, mode, taps),
+            Backbone::PPLCNet(m) => m.forward(x, mode, taps),
+            Backbone::MobileNetV3(m) => m.forward(x, mode, taps),
+        };
+        ModelOutput {
+            logits,
+            features,
+            feature_names: vec![],
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! gate is `hardsigmoid(x, slope=0.2, offset=0.5)`. Widths scale by `make_divisible(c · scale)`.
 //! MobileNetV3_large_x1_0 has 5.48M trainable parameters at 1000 classes, small_x1_0 2.94M.
 
+use super::cpu_conv::ConvBackend;
 use super::layers::{
     global_avg_pool, hardswish, pointwise_on_pooled, Act, BnMode, ConvBn, PaddleDropout, SeModule,
 };
@@ -99,7 +100,9 @@ impl<B: Backend> ResidualUnit<B> {
     fn out_channels(&self) -> usize {
         self.linear_conv.conv.weight.dims()[0]
     }
+}
 
+impl<B: ConvBackend> ResidualUnit<B> {
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
         let mut y = self
             .bottleneck_conv
@@ -181,7 +184,9 @@ impl<B: Backend> MobileNetV3<B> {
         };
         ends.iter().map(|i| format!("blocks[{i}]")).collect()
     }
+}
 
+impl<B: ConvBackend> MobileNetV3<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 4>,

@@ -18,6 +18,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+use cpu_conv::ConvAutodiffBackend;
 pub use layers::BnMode;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -164,7 +165,9 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             anyhow!("no model named {key:?}; models: {}", known.join(", "))
         })
     }
+}
 
+impl<B: ConvAutodiffBackend> DistillationModel<B> {
     /// Training forward: trainable models on the autodiff graph; frozen ones on the inner
     /// backend (no graph), their outputs brought back as constants.
     pub fn forward_train(&self, x: Tensor<B, 4>) -> Outputs<B> {
@@ -221,7 +224,9 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             })
             .collect()
     }
+}
 
+impl<B: AutodiffBackend> DistillationModel<B> {
     /// The inference model (`infer_model_name`) on the inner backend.
     pub fn infer_model(&self) -> Result<(ModelSpec, Backbone<B::InnerBackend>)> {
         let slot = self.slot(&self.infer_model_name)?;

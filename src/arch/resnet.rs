@@ -14,6 +14,7 @@
 //! * CIFAR ResNets of the CRD/DKD benchmarks (resnet20/56, resnet8x4/32x4): 3×3 stem, three stages
 //!   of `(depth-2)/6` basic blocks.
 
+use super::cpu_conv::ConvBackend;
 use super::layers::{global_avg_pool, Act, BnMode, ConvBn};
 use super::taps::Taps;
 use burn::module::Module;
@@ -103,7 +104,9 @@ impl<B: Backend> Block<B> {
             short_pool,
         }
     }
+}
 
+impl<B: ConvBackend> Block<B> {
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
         let identity = match &self.short {
             // Paddle's AvgPool2D(2, 2, padding="SAME", ceil_mode=True), exclusive: on an odd
@@ -260,7 +263,9 @@ impl<B: Backend> ResNet<B> {
         names.push(format!("blocks[{}]", self.blocks.len() - 1));
         names
     }
+}
 
+impl<B: ConvBackend> ResNet<B> {
     /// Logits, plus the taps whose indices (into [`Self::tap_names`]) are in `taps`, in the
     /// order given.
     pub fn forward(

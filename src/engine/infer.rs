@@ -3,12 +3,13 @@
 
 use super::export::{read_label_map, ExportMeta, FORMAT, META_FILE, WEIGHTS_FILE};
 use super::train::load_initial_weights;
+use crate::arch::cpu_conv::{ConvAutodiffBackend, ConvBackend};
 use crate::arch::{weights, Backbone, BnMode, DistillationModel};
 use crate::config::{Config, ModelSpec, Node, Pretrained, Spec};
 use crate::data::transforms::{run_pipeline, Transform};
 use anyhow::{bail, Context, Result};
 use burn::tensor::activation::softmax;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use serde::Serialize;
@@ -93,7 +94,7 @@ pub struct Predictor<B: Backend> {
     device: B::Device,
 }
 
-impl<B: Backend> Predictor<B> {
+impl<B: ConvBackend> Predictor<B> {
     pub fn from_export(dir: &Path, device: &B::Device) -> Result<Self> {
         let meta_path = dir.join(META_FILE);
         let text = std::fs::read_to_string(&meta_path).with_context(|| {
@@ -197,7 +198,7 @@ impl<B: Backend> Predictor<B> {
 }
 
 /// `kd-launch infer`: predictions for `images` (default: `Infer.infer_imgs`).
-pub fn infer<B: AutodiffBackend>(
+pub fn infer<B: ConvAutodiffBackend>(
     source: InferSource,
     images: Option<&Path>,
     device: B::Device,

@@ -5,6 +5,7 @@
 use super::checkpoint::{self, TrainState, OPTIMIZER_FILE};
 use super::evaluate::{evaluate, EvalData};
 use super::{replicas, RunOptions};
+use crate::arch::cpu_conv::ConvAutodiffBackend;
 use crate::arch::{recorder, BnMode, DistillationModel, TrainableSet};
 use crate::config::{Config, MetricSpec, Pretrained};
 use crate::data::{ImageNetDataset, Loader, Placement};
@@ -143,7 +144,7 @@ pub(crate) fn load_initial_weights<B: AutodiffBackend>(
     Ok(())
 }
 
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: ConvAutodiffBackend>(
     cfg: &Config,
     device: B::Device,
     mut opts: RunOptions,
