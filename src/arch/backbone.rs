@@ -6,6 +6,7 @@ use super::pplcnet::PPLCNet;
 use super::resnet::{ResNet, ResNetKind};
 use super::ModelOutput;
 use super::ModelSpec;
+use crate::nn::cpu_conv::ConvBackend;
 use crate::nn::layers::BnMode;
 use anyhow::{anyhow, Result};
 use burn::module::Module;
@@ -210,21 +211,6 @@ impl<B: Backend> Backbone<B> {
         }
     }
 
-    /// Logits and the features at `taps` (indices into [`Self::tap_names`]), in that order.
-    /// `mode` drives BatchNorm and dropout alike (`Train`: batch statistics, dropout on).
-    pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode, taps: &[usize]) -> ModelOutput<B> {
-        let (logits, features) = match self {
-            Backbone::ResNet(r) => r.forward(x, mode, taps),
-            Backbone::PPLCNet(m) => m.forward(x, mode, taps),
-            Backbone::MobileNetV3(m) => m.forward(x, mode, taps),
-        };
-        ModelOutput {
-            logits,
-            features,
-            feature_names: vec![],
-        }
-    }
-
     /// Trainable parameters: `num_params` minus BatchNorm running statistics.
     pub fn num_trainable_params(&self) -> usize {
         #[derive(Default)]
@@ -249,6 +235,23 @@ impl<B: Backend> Backbone<B> {
         let mut c = Count::default();
         self.visit(&mut c);
         c.total
+    }
+}
+
+impl<B: ConvBackend> Backbone<B> {
+    /// Logits and the features at `taps` (indices into [`Self::tap_names`]), in that order.
+    /// `mode` drives BatchNorm and dropout alike (`Train`: batch statistics, dropout on).
+    pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode, taps: &[usize]) -> ModelOutput<B> {
+        let (logits, features) = match self {
+            Backbone::ResNet(r) => r.forward(x, mode, taps),
+            Backbone::PPLCNet(m) => m.forward(x, mode, taps),
+            Backbone::MobileNetV3(m) => m.forward(x, mode, taps),
+        };
+        ModelOutput {
+            logits,
+            features,
+            feature_names: vec![],
+        }
     }
 }
 

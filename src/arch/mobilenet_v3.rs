@@ -11,6 +11,7 @@
 
 use super::pplcnet::make_divisible;
 use super::taps::Taps;
+use crate::nn::cpu_conv::ConvBackend;
 use crate::nn::layers::{
     global_avg_pool, hardswish, pointwise_on_pooled, Act, BnMode, ConvBn, PaddleDropout, SeModule,
 };
@@ -99,7 +100,9 @@ impl<B: Backend> ResidualUnit<B> {
     fn out_channels(&self) -> usize {
         self.linear_conv.conv.weight.dims()[0]
     }
+}
 
+impl<B: ConvBackend> ResidualUnit<B> {
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
         let mut y = self
             .bottleneck_conv
@@ -181,7 +184,9 @@ impl<B: Backend> MobileNetV3<B> {
         };
         ends.iter().map(|i| format!("blocks[{i}]")).collect()
     }
+}
 
+impl<B: ConvBackend> MobileNetV3<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 4>,

@@ -8,6 +8,7 @@ pub mod pplcnet;
 pub mod resnet;
 pub mod taps;
 
+use crate::nn::cpu_conv::ConvAutodiffBackend;
 use crate::nn::BnMode;
 use anyhow::{anyhow, bail, Result};
 pub use backbone::{Backbone, BACKBONES};
@@ -118,7 +119,9 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             anyhow!("no model named {key:?}; models: {}", known.join(", "))
         })
     }
+}
 
+impl<B: ConvAutodiffBackend> DistillationModel<B> {
     /// Training forward: trainable models on the autodiff graph; frozen ones on the inner
     /// backend (no graph), their outputs brought back as constants.
     pub fn forward_train(&self, x: Tensor<B, 4>) -> Outputs<B> {
@@ -175,7 +178,9 @@ impl<B: AutodiffBackend> DistillationModel<B> {
             })
             .collect()
     }
+}
 
+impl<B: AutodiffBackend> DistillationModel<B> {
     /// The inference model (`infer_model_name`) on the inner backend.
     pub fn infer_model(&self) -> Result<(ModelSpec, Backbone<B::InnerBackend>)> {
         let slot = self.slot(&self.infer_model_name)?;

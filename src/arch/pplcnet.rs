@@ -9,6 +9,7 @@
 //! parameters at 1000 classes.
 
 use super::taps::Taps;
+use crate::nn::cpu_conv::ConvBackend;
 use crate::nn::layers::{
     global_avg_pool, hardswish, pointwise_on_pooled, Act, BnMode, ConvBn, PaddleDropout, SeModule,
     PADDLE_HARDSIGMOID_SLOPE,
@@ -72,7 +73,9 @@ impl<B: Backend> DepthwiseSeparable<B> {
             pw_conv: ConvBn::new(cin, cout, 1, 1, Act::Hardswish, device),
         }
     }
+}
 
+impl<B: ConvBackend> DepthwiseSeparable<B> {
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
         let mut x = self.dw_conv.forward(x, mode);
         if let Some(se) = &self.se {
@@ -154,7 +157,9 @@ impl<B: Backend> PPLCNet<B> {
     pub fn stage_names(&self) -> Vec<String> {
         TAPS[..5].iter().map(|s| s.to_string()).collect()
     }
+}
 
+impl<B: ConvBackend> PPLCNet<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 4>,

@@ -15,6 +15,7 @@
 //!   of `(depth-2)/6` basic blocks.
 
 use super::taps::Taps;
+use crate::nn::cpu_conv::ConvBackend;
 use crate::nn::layers::{global_avg_pool, Act, BnMode, ConvBn};
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -103,7 +104,9 @@ impl<B: Backend> Block<B> {
             short_pool,
         }
     }
+}
 
+impl<B: ConvBackend> Block<B> {
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
         let identity = match &self.short {
             // Paddle's AvgPool2D(2, 2, padding="SAME", ceil_mode=True), exclusive: on an odd
@@ -260,7 +263,9 @@ impl<B: Backend> ResNet<B> {
         names.push(format!("blocks[{}]", self.blocks.len() - 1));
         names
     }
+}
 
+impl<B: ConvBackend> ResNet<B> {
     /// Logits, plus the taps whose indices (into [`Self::tap_names`]) are in `taps`, in the
     /// order given.
     pub fn forward(

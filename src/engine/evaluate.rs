@@ -9,11 +9,11 @@ use crate::data::{Loader, Placement};
 use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::Averages;
 use crate::metric::{add_topk, metric_specs};
+use crate::nn::cpu_conv::ConvAutodiffBackend;
 use crate::parallel::Collective;
 use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
 use burn::module::Module;
-use burn::tensor::backend::AutodiffBackend;
 use std::time::Instant;
 
 /// The eval set, loaded once per run.
@@ -49,7 +49,7 @@ pub struct EvalReport {
     pub samples: usize,
 }
 
-pub fn evaluate<B: AutodiffBackend>(
+pub fn evaluate<B: ConvAutodiffBackend>(
     model: &DistillationModel<B>,
     data: &EvalData,
     cfg: &Config,
@@ -145,7 +145,7 @@ impl TeacherCheck {
 /// Evaluates every frozen model on the first `batches` batches of this rank's eval shard,
 /// before training starts, and (when `log`) logs each top-1 — loudly when it is at chance
 /// level. Runs on each rank alone (no collectives); single-class models are not checked.
-pub fn check_teachers<B: AutodiffBackend>(
+pub fn check_teachers<B: ConvAutodiffBackend>(
     model: &DistillationModel<B>,
     data: &EvalData,
     batches: usize,
@@ -252,7 +252,7 @@ fn reduce(avg: Averages, collective: &mut dyn Collective) -> Result<Averages> {
 }
 
 /// `kd-launch eval`: load the weights in `Global.pretrained_model` (or `Global.checkpoints`) and evaluate.
-pub fn eval_command<B: AutodiffBackend>(
+pub fn eval_command<B: ConvAutodiffBackend>(
     cfg: &Config,
     device: B::Device,
     mut opts: RunOptions,

@@ -7,11 +7,12 @@ use super::Config;
 use crate::arch::{Backbone, DistillationModel, ModelSpec, Pretrained};
 use crate::config::{Node, Spec};
 use crate::data::transforms::{run_pipeline, Transform};
+use crate::nn::cpu_conv::{ConvAutodiffBackend, ConvBackend};
 use crate::nn::BnMode;
 use crate::weights::named as weights;
 use anyhow::{bail, Context, Result};
 use burn::tensor::activation::softmax;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use serde::Serialize;
@@ -84,7 +85,7 @@ pub struct Predictor<B: Backend> {
     device: B::Device,
 }
 
-impl<B: Backend> Predictor<B> {
+impl<B: ConvBackend> Predictor<B> {
     pub fn from_export(dir: &Path, device: &B::Device) -> Result<Self> {
         let meta_path = dir.join(META_FILE);
         let text = std::fs::read_to_string(&meta_path).with_context(|| {
@@ -188,7 +189,7 @@ impl<B: Backend> Predictor<B> {
 }
 
 /// `kd-launch infer`: predictions for `images` (default: `Infer.infer_imgs`).
-pub fn infer<B: AutodiffBackend>(
+pub fn infer<B: ConvAutodiffBackend>(
     source: InferSource,
     images: Option<&Path>,
     device: B::Device,

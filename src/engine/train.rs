@@ -16,6 +16,7 @@ use crate::data::{Batch, BatchSampler, Loader, Placement};
 use crate::loss::LossPart;
 use crate::loss::{CombinedLoss, LossContext};
 use crate::metric::{add_topk, metric_specs, Averages};
+use crate::nn::cpu_conv::ConvAutodiffBackend;
 use crate::nn::BnMode;
 use crate::optim::{sgd_config, LrSchedule};
 use crate::parallel::replicas::{self, SyncCost};
@@ -50,7 +51,7 @@ type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<
 >;
 
 /// Trains `cfg` on `device`: [`Trainer::new`] then [`Trainer::run`].
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: ConvAutodiffBackend>(
     cfg: &Config,
     device: B::Device,
     opts: RunOptions,
@@ -78,7 +79,7 @@ enum EpochEnd {
 }
 
 /// A training run's state between steps.
-pub struct Trainer<'a, B: AutodiffBackend> {
+pub struct Trainer<'a, B: ConvAutodiffBackend> {
     cfg: &'a Config,
     device: B::Device,
     opts: RunOptions,
@@ -101,7 +102,7 @@ pub struct Trainer<'a, B: AutodiffBackend> {
     step_losses: Vec<f32>,
 }
 
-impl<'a, B: AutodiffBackend> Trainer<'a, B> {
+impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
     /// Builds everything a run needs and checks what can be checked before step 1. The order of
     /// random draws is fixed: seed, models, the losses' layers, then weights from files.
     pub fn new(cfg: &'a Config, device: B::Device, mut opts: RunOptions) -> Result<Self> {

@@ -1,22 +1,119 @@
-//! Convolution for training on the CPU backend (`Autodiff<Flex>`): im2col + one batched GEMM
-//! forward, and a custom backward (weight gradient = GEMM against the im2col matrix, input
+//! Dense convolution as a backend-extension op ([`ConvBackend`], burn's pattern for custom
+//! operations), and its CPU implementation for training on `Autodiff<Flex>`: im2col + one batched
+//! GEMM forward, and a custom backward (weight gradient = GEMM against the im2col matrix, input
 //! gradient = GEMM then col2im). burn 0.21's generic convolution backward transposes activations
 //! with strided copies and runs a direct transposed convolution; profiles of ResNet training
-//! showed those, not the GEMMs, taking most of the step.
+//! showed those, not the GEMMs, taking most of the step. Backends without their own version
+//! (CUDA) keep burn's convolution through the trait's default methods.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::{ConvOptions, FloatTensor};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
-use std::any::{Any, TypeId};
 
-type Ad = Autodiff<Flex>;
-type Prim = <Flex as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
+/// The one convolution shape kd-launch runs through [`ConvBackend`]: square kernel, the same
+/// stride on both axes, symmetric zero padding, no bias, no dilation, one group (the dense
+/// convolutions of PaddleClas's `ConvBNLayer`). The kernel size comes from the weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenseConv {
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl DenseConv {
+    /// The same convolution in burn's terms.
+    pub fn options(self) -> ConvOptions<2> {
+        ConvOptions::new([self.stride, self.stride], [self.pad, self.pad], [1, 1], 1)
+    }
+}
+
+/// Gradients of a [`DenseConv`] with respect to its input and its weight; `None` where the
+/// backward pass did not ask for one (a frozen weight, an input that needs no gradient).
+pub struct DenseConvGrads<B: Backend> {
+    pub x: Option<FloatTensor<B>>,
+    pub weight: Option<FloatTensor<B>>,
+}
+
+/// A backend with kd-launch's dense convolution op. The default methods are burn's own
+/// convolution and its gradients, so a backend with nothing better (CUDA) implements the trait
+/// with an empty block; `Flex` overrides both with the im2col + GEMM version, and
+/// `Autodiff<B>` records the op in the graph with a backward that calls `B`'s.
+pub trait ConvBackend: Backend {
+    /// `x[N, Cin, H, W]` convolved with `weight[Cout, Cin, k, k]`: `[N, Cout, Ho, Wo]`.
+    fn dense_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        conv: DenseConv,
+    ) -> FloatTensor<Self> {
+        burn_dense_conv2d::<Self>(x, weight, conv)
+    }
+
+    /// The gradients of [`ConvBackend::dense_conv2d`] given the gradient of its output,
+    /// computing only the ones asked for.
+    fn dense_conv2d_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        conv: DenseConv,
+        want_x: bool,
+        want_weight: bool,
+    ) -> DenseConvGrads<Self> {
+        burn_dense_conv2d_backward::<Self>(x, weight, grad, conv, want_x, want_weight)
+    }
+}
+
+/// burn's convolution: the default [`ConvBackend::dense_conv2d`].
+pub fn burn_dense_conv2d<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    conv: DenseConv,
+) -> FloatTensor<B> {
+    B::conv2d(x, weight, None, conv.options())
+}
+
+/// burn's convolution gradients, the ones burn's autodiff takes for its own convolution: the
+/// default [`ConvBackend::dense_conv2d_backward`].
+pub fn burn_dense_conv2d_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    conv: DenseConv,
+    want_x: bool,
+    want_weight: bool,
+) -> DenseConvGrads<B> {
+    let options = conv.options();
+    DenseConvGrads {
+        x: want_x.then(|| {
+            B::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone())
+        }),
+        weight: want_weight.then(|| B::conv2d_weight_backward(x, weight, grad, options)),
+    }
+}
+
+/// A training backend whose inner backend has the op too: students train on `Self`, frozen
+/// teachers and evaluation run on `Self::InnerBackend`.
+pub trait ConvAutodiffBackend: ConvBackend + AutodiffBackend<InnerBackend: ConvBackend> {}
+
+impl<B> ConvAutodiffBackend for B where B: ConvBackend + AutodiffBackend<InnerBackend: ConvBackend> {}
+
+/// [`ConvBackend::dense_conv2d`] on tensors.
+pub fn dense_conv2d<B: ConvBackend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    conv: DenseConv,
+) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::dense_conv2d(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        conv,
+    )))
+}
 
 /// Geometry of a square-kernel convolution with symmetric padding.
 #[derive(Clone, Copy, Debug)]
@@ -168,6 +265,10 @@ fn to_sample_major(t: &[f32], n: usize, c: usize, l: usize) -> Vec<f32> {
     out
 }
 
+fn float_tensor<const D: usize>(t: FloatTensor<Flex>) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
 fn to_vec<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
@@ -197,7 +298,7 @@ fn cols_of(x: Tensor<Flex, 4>, g: Geometry) -> Tensor<Flex, 2> {
     matrix(cols, kk, g.n * l, &device)
 }
 
-/// Forward on the inner backend: `W[Cout, K] @ cols[K, N·L]`, back to `[N, Cout, Ho, Wo]`.
+/// The forward pass: `W[Cout, K] @ cols[K, N·L]`, back to `[N, Cout, Ho, Wo]`.
 fn forward(x: Tensor<Flex, 4>, w: Tensor<Flex, 4>, g: Geometry) -> Tensor<Flex, 4> {
     let [cout, ..] = w.dims();
     let (kk, l) = g.kl();
@@ -209,31 +310,30 @@ fn forward(x: Tensor<Flex, 4>, w: Tensor<Flex, 4>, g: Geometry) -> Tensor<Flex, 
     )
 }
 
-#[derive(Debug)]
-struct ConvBackward;
+/// The im2col path on `Flex`, the CPU backend (inference, and the inner backend of training).
+impl ConvBackend for Flex {
+    fn dense_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        conv: DenseConv,
+    ) -> FloatTensor<Self> {
+        let (x, w) = (float_tensor::<4>(x), float_tensor::<4>(weight));
+        let g = Geometry::new(x.dims(), w.dims()[2], conv.stride, conv.pad);
+        forward(x, w, g).into_primitive().tensor()
+    }
 
-impl Backward<Flex, 2> for ConvBackward {
-    type State = (NodeId, NodeId, [usize; 4], usize, usize);
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_w] = ops.parents;
-        let grad = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(
-            grads.consume::<Flex>(&ops.node),
-        ));
-        let (x_id, w_id, shape, stride, pad) = ops.state;
-        let x = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(
-            checkpointer.retrieve_node_output::<Prim>(x_id),
-        ));
-        let w = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(
-            checkpointer.retrieve_node_output::<Prim>(w_id),
-        ));
+    fn dense_conv2d_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        conv: DenseConv,
+        want_x: bool,
+        want_weight: bool,
+    ) -> DenseConvGrads<Self> {
+        let (x, w) = (float_tensor::<4>(x), float_tensor::<4>(weight));
+        let grad = float_tensor::<4>(grad);
         let [cout, _, k, _] = w.dims();
-        let g = Geometry::new(shape, k, stride, pad);
+        let g = Geometry::new(x.dims(), k, conv.stride, conv.pad);
         let (kk, l) = g.kl();
         let device = grad.device();
         // dY as [Cout, N·L], the layout of the forward GEMM's output.
@@ -243,15 +343,15 @@ impl Backward<Flex, 2> for ConvBackward {
             g.n * l,
             &device,
         );
-        if let Some(node) = node_w {
+        let grad_weight = want_weight.then(|| {
             // dW = dY · colsᵀ
-            let gw = grad
-                .clone()
+            grad.clone()
                 .matmul(cols_of(x, g).transpose())
-                .reshape([cout, g.cin, k, k]);
-            grads.register::<Flex>(node.id, gw.into_primitive().tensor());
-        }
-        if let Some(node) = node_x {
+                .reshape([cout, g.cin, k, k])
+                .into_primitive()
+                .tensor()
+        });
+        let grad_x = want_x.then(|| {
             // dcols = Wᵀ · dY, then col2im.
             let gcols = to_vec(w.reshape([cout, kk]).transpose().matmul(grad));
             let gx = if g.is_pointwise() {
@@ -259,79 +359,92 @@ impl Backward<Flex, 2> for ConvBackward {
             } else {
                 col2im(&gcols, g)
             };
-            let gx =
-                Tensor::<Flex, 4>::from_data(TensorData::new(gx, [g.n, g.cin, g.h, g.w]), &device);
-            grads.register::<Flex>(node.id, gx.into_primitive().tensor());
+            Tensor::<Flex, 4>::from_data(TensorData::new(gx, [g.n, g.cin, g.h, g.w]), &device)
+                .into_primitive()
+                .tensor()
+        });
+        DenseConvGrads {
+            x: grad_x,
+            weight: grad_weight,
         }
     }
 }
 
-fn conv_autodiff(x: Tensor<Ad, 4>, w: Tensor<Ad, 4>, stride: usize, pad: usize) -> Tensor<Ad, 4> {
-    let [_, _, k, _] = w.dims();
-    let shape = x.dims();
-    let g = Geometry::new(shape, k, stride, pad);
-    let x = x.into_primitive().tensor();
-    let w = w.into_primitive().tensor();
-    let run = |xp: Prim, wp: Prim| {
-        let xi = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(xp));
-        let wi = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(wp));
-        forward(xi, wi, g).into_primitive().tensor()
-    };
-    let out = match ConvBackward
-        .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let xs = prep.checkpoint(&x);
-            let ws = prep.checkpoint(&w);
-            prep.finish((xs, ws, shape, stride, pad), run(x.primitive, w.primitive))
+/// `B`'s dense convolution as one node of the autodiff graph (rather than the graph of whatever
+/// `B`'s version is made of), whose backward is `B`'s [`ConvBackend::dense_conv2d_backward`].
+#[derive(Debug)]
+struct DenseConvBackward;
+
+impl<B: ConvBackend> Backward<B, 2> for DenseConvBackward {
+    /// The checkpointed input and weight, and the convolution.
+    type State = (NodeId, NodeId, DenseConv);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_id, weight_id, conv) = ops.state;
+        let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_id);
+        let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(weight_id);
+        let computed = B::dense_conv2d_backward(
+            x,
+            weight,
+            grad,
+            conv,
+            node_x.is_some(),
+            node_weight.is_some(),
+        );
+        if let (Some(node), Some(g)) = (node_weight, computed.weight) {
+            grads.register::<B>(node.id, g);
         }
-        OpsKind::UnTracked(prep) => prep.finish(run(x.primitive, w.primitive)),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+        if let (Some(node), Some(g)) = (node_x, computed.x) {
+            grads.register::<B>(node.id, g);
+        }
+    }
 }
 
-/// The CPU convolution when `B` is `Autodiff<Flex>` (training) or `Flex` (inference);
-/// other backends get their inputs back to run their own.
-#[allow(clippy::type_complexity)]
-pub fn try_conv2d<B: Backend>(
-    x: Tensor<B, 4>,
-    w: Tensor<B, 4>,
-    stride: usize,
-    pad: usize,
-) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
-    if TypeId::of::<B>() == TypeId::of::<Flex>() {
-        // Inference (frozen teacher, eval): forward only.
-        let cast = |t: Tensor<B, 4>| {
-            *(Box::new(t) as Box<dyn Any>)
-                .downcast::<Tensor<Flex, 4>>()
-                .expect("B is Flex")
-        };
-        let (x, w) = (cast(x), cast(w));
-        let g = Geometry::new(x.dims(), w.dims()[2], stride, pad);
-        return Ok(*(Box::new(forward(x, w, g)) as Box<dyn Any>)
-            .downcast::<Tensor<B, 4>>()
-            .expect("B is Flex"));
+impl<B: ConvBackend, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
+    fn dense_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        conv: DenseConv,
+    ) -> FloatTensor<Self> {
+        let prepared = <DenseConvBackward as Backward<B, 2>>::prepare::<C>(
+            DenseConvBackward,
+            [x.node.clone(), weight.node.clone()],
+        );
+        match prepared.compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let weight_state = prep.checkpoint(&weight);
+                prep.finish(
+                    (x_state, weight_state, conv),
+                    B::dense_conv2d(x.primitive, weight.primitive, conv),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::dense_conv2d(x.primitive, weight.primitive, conv))
+            }
+        }
     }
-    if TypeId::of::<B>() != TypeId::of::<Ad>() {
-        return Err((x, w));
-    }
-    let cast = |t: Tensor<B, 4>| {
-        *(Box::new(t) as Box<dyn Any>)
-            .downcast::<Tensor<Ad, 4>>()
-            .expect("B is Autodiff<Flex>")
-    };
-    let y = conv_autodiff(cast(x), cast(w), stride, pad);
-    Ok(*(Box::new(y) as Box<dyn Any>)
-        .downcast::<Tensor<B, 4>>()
-        .expect("B is Autodiff<Flex>"))
+    // The default backward (burn's convolution gradients on `Self`) would only serve a second
+    // derivative, which nothing takes.
 }
+
+/// CUDA keeps burn's convolution (the trait's defaults).
+#[cfg(feature = "cuda")]
+impl ConvBackend for burn::backend::Cuda {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::tensor::Distribution;
+
+    type Ad = Autodiff<Flex>;
 
     /// Values and both gradients equal burn's own convolution's (the reference).
     #[test]
@@ -353,18 +466,13 @@ mod tests {
                 let x = x0.clone().detach().require_grad();
                 let w = w0.clone().detach().require_grad();
                 let y = if fast {
-                    try_conv2d(x.clone(), w.clone(), stride, pad).unwrap()
+                    dense_conv2d(x.clone(), w.clone(), DenseConv { stride, pad })
                 } else {
                     burn::tensor::module::conv2d(
                         x.clone(),
                         w.clone(),
                         None,
-                        burn::tensor::ops::ConvOptions::new(
-                            [stride, stride],
-                            [pad, pad],
-                            [1, 1],
-                            1,
-                        ),
+                        DenseConv { stride, pad }.options(),
                     )
                 };
                 let yv: Vec<f32> = y.clone().into_data().to_vec().unwrap();
@@ -391,8 +499,7 @@ mod tests {
         let device = Default::default();
         let x = Tensor::<Flex, 4>::random([3, 4, 9, 9], Distribution::Normal(0.0, 1.0), &device);
         let w = Tensor::<Flex, 4>::random([5, 4, 3, 3], Distribution::Normal(0.0, 1.0), &device);
-        let a: Vec<f32> = try_conv2d(x.clone(), w.clone(), 2, 1)
-            .unwrap()
+        let a: Vec<f32> = dense_conv2d(x.clone(), w.clone(), DenseConv { stride: 2, pad: 1 })
             .into_data()
             .to_vec()
             .unwrap();
@@ -404,5 +511,41 @@ mod tests {
         for (p, q) in a.iter().zip(&b) {
             assert!((p - q).abs() < 1e-4, "{p} vs {q}");
         }
+    }
+
+    /// The trait's defaults (CUDA's path) are exactly what burn's autodiff computes for its own
+    /// convolution: same values, bit for bit.
+    #[test]
+    fn burn_defaults_equal_burn_autodiff_convolution() {
+        let device = Default::default();
+        let conv = DenseConv { stride: 2, pad: 1 };
+        let x0 = Tensor::<Ad, 4>::random([2, 3, 9, 9], Distribution::Normal(0.0, 1.0), &device);
+        let w0 = Tensor::<Ad, 4>::random([4, 3, 3, 3], Distribution::Normal(0.0, 0.5), &device);
+        let (x, w) = (x0.detach().require_grad(), w0.detach().require_grad());
+        let y = burn::tensor::module::conv2d(x.clone(), w.clone(), None, conv.options());
+        let dy = y.random_like(Distribution::Normal(0.0, 1.0)).detach();
+        // d(sum(y · dy))/dy is dy itself.
+        let g = y.clone().mul(dy.clone()).sum().backward();
+        let floats = |t: Tensor<Flex, 4>| t.into_data().to_vec::<f32>().unwrap();
+        let prim = |t: Tensor<Flex, 4>| t.into_primitive().tensor();
+        let (xi, wi, dyi) = (x.clone().inner(), w.clone().inner(), dy.inner());
+        let ours = burn_dense_conv2d_backward::<Flex>(
+            prim(xi.clone()),
+            prim(wi.clone()),
+            prim(dyi),
+            conv,
+            true,
+            true,
+        );
+        let yi = float_tensor::<4>(burn_dense_conv2d::<Flex>(prim(xi), prim(wi), conv));
+        assert_eq!(floats(yi), floats(y.inner()));
+        assert_eq!(
+            floats(float_tensor(ours.x.unwrap())),
+            floats(x.grad(&g).unwrap())
+        );
+        assert_eq!(
+            floats(float_tensor(ours.weight.unwrap())),
+            floats(w.grad(&g).unwrap())
+        );
     }
 }

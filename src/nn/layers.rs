@@ -2,6 +2,7 @@
 //! can run in eval mode, or on batch statistics as PaddleClas does, on any backend), Conv+BN(+act),
 //! Paddle's activations, squeeze-and-excitation, and Paddle's dropout.
 
+use super::cpu_conv::{dense_conv2d, ConvBackend, DenseConv};
 use burn::module::{Module, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
@@ -9,10 +10,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether training convolutions on the CPU backend use [`super::cpu_conv`] (on by default).
+/// Whether dense convolutions go through [`ConvBackend`] (on by default), whose CPU version is
+/// kd-launch's; off, every convolution is burn's `Conv2d` (for comparisons).
 static CPU_CONV: AtomicBool = AtomicBool::new(true);
 
-/// Chooses between kd-launch's CPU convolution and burn's own (for comparisons).
+/// Chooses between kd-launch's CPU convolution ([`ConvBackend`]) and burn's own.
 pub fn set_cpu_conv(on: bool) {
     CPU_CONV.store(on, Ordering::Relaxed);
 }
@@ -271,15 +273,17 @@ impl<B: Backend> ConvBn<B> {
             act,
         }
     }
+}
 
+impl<B: ConvBackend> ConvBn<B> {
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
-        // The CPU convolution is dense only: grouped convolutions always take burn's.
+        // The backend's op is dense only: grouped convolutions always take burn's.
         let conv = if self.conv.groups == 1 && CPU_CONV.load(Ordering::Relaxed) {
-            let pad = self.conv.weight.dims()[2] / 2;
-            match super::cpu_conv::try_conv2d(x, self.conv.weight.val(), self.conv.stride[0], pad) {
-                Ok(y) => y,
-                Err((x, _)) => self.conv.forward(x),
-            }
+            let dense = DenseConv {
+                stride: self.conv.stride[0],
+                pad: self.conv.weight.dims()[2] / 2,
+            };
+            dense_conv2d(x, self.conv.weight.val(), dense)
         } else {
             self.conv.forward(x)
         };
