@@ -493,8 +493,8 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
                 averages.format(5)
             );
         }
-        let eval_now =
-            epoch % g.eval_interval == 0 && epoch > g.start_eval_epoch || epoch == g.epochs;
+        let eval_now = epoch.is_multiple_of(g.eval_interval) && epoch > g.start_eval_epoch
+            || epoch == g.epochs;
         let mut improved = false;
         if let (Some(data), true) = (&self.eval_data, eval_now) {
             let report = evaluate(
@@ -527,7 +527,7 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
                     self.checkpoint_dir("best_model").display()
                 );
             }
-            if epoch % g.save_interval == 0 {
+            if epoch.is_multiple_of(g.save_interval) {
                 self.save(&format!("epoch_{epoch}"))?;
             }
         }

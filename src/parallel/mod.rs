@@ -16,7 +16,7 @@ pub mod nccl;
 pub mod replicas;
 pub mod tcp;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::time::Duration;
 
 /// Rank, world size and the collective operations training needs, on flat `f32` buffers.
@@ -125,7 +125,7 @@ fn mpi_collective() -> Result<Box<dyn Collective>> {
 
 #[cfg(not(feature = "mpi"))]
 fn mpi_collective() -> Result<Box<dyn Collective>> {
-    bail!("{MPI_MISSING}")
+    anyhow::bail!("{MPI_MISSING}")
 }
 
 #[cfg(feature = "cuda")]
@@ -138,5 +138,5 @@ fn nccl_collective(
     _base: Box<dyn Collective>,
     _local_device: usize,
 ) -> Result<Box<dyn Collective>> {
-    bail!("GPU workers need NCCL, which this kd-launch was built without: rebuild with `--features cuda`")
+    anyhow::bail!("GPU workers need NCCL, which this kd-launch was built without: rebuild with `--features cuda`")
 }
