@@ -194,7 +194,7 @@ impl<B: AutodiffBackend> DistillationModel<B> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Node;
     use burn::backend::Flex;

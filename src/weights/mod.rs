@@ -127,44 +127,30 @@ pub fn load_models<B: AutodiffBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::{ModelSpec, Pretrained};
-    use crate::config::Node;
+    use crate::arch::tests::spec;
     use burn::backend::Flex;
-
-    fn spec(name: &str, class_num: usize) -> ModelSpec {
-        let value = serde_yaml::from_str(&format!("{{name: {name}}}")).unwrap();
-        ModelSpec {
-            key: "m".into(),
-            name: name.into(),
-            class_num,
-            pretrained: Pretrained::None,
-            return_patterns: vec![],
-            frozen: false,
-            params: Node::root(value, Path::new("t.yaml")),
-        }
-    }
 
     #[test]
     fn loading_another_architecture_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("m");
         let d = Default::default();
-        Backbone::<Flex>::from_spec(&spec("resnet8", 10), &d)
+        Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d)
             .unwrap()
             .save_file(&file, &recorder())
             .unwrap();
         let file = file.with_extension("mpk");
-        let deeper = Backbone::<Flex>::from_spec(&spec("resnet14", 10), &d).unwrap();
+        let deeper = Backbone::<Flex>::from_spec(&spec("resnet14", 10, ""), &d).unwrap();
         assert!(load_checked(deeper, &file, &d)
             .unwrap_err()
             .to_string()
             .contains("different structure"));
-        let other_classes = Backbone::<Flex>::from_spec(&spec("resnet8", 7), &d).unwrap();
+        let other_classes = Backbone::<Flex>::from_spec(&spec("resnet8", 7, ""), &d).unwrap();
         let e = load_checked(other_classes, &file, &d)
             .unwrap_err()
             .to_string();
         assert!(e.contains("fc.weight"), "{e}");
-        let same = Backbone::<Flex>::from_spec(&spec("resnet8", 10), &d).unwrap();
+        let same = Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d).unwrap();
         assert!(load_checked(same, &file, &d).is_ok());
     }
 }
