@@ -2,18 +2,27 @@
 //! destination, synced, and renamed into place, so a crash, a kill or a full disk at any moment
 //! leaves either the old or the new content, never a torn one.
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use std::io;
 use std::path::Path;
 
-/// Writes a directory atomically (a checkpoint, an export): `fill` writes into a fresh temporary directory
-/// beside `dir`, which then takes `dir`'s place in one atomic exchange.
+/// Writes a directory atomically (a checkpoint): `fill` writes into a fresh temporary directory
+/// beside `dir`, which then takes `dir`'s place in one atomic exchange. A failure leaves the
+/// previous `dir` as it was, and a file system that refuses the write (full, over quota,
+/// read-only, not writable) is named in plain words.
 pub fn write_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let had_previous = dir.exists();
+    let failed = |e: anyhow::Error| {
+        let what = format!("checkpoint {}", dir.display());
+        write_failure(&what, dir, had_previous, e)
+    };
     std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
+        .with_context(|| format!("cannot create {}", parent.display()))
+        .map_err(failed)?;
     let name = dir
         .file_name()
         .context("checkpoint path has no name")?
@@ -21,24 +30,131 @@ pub fn write_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resul
         .to_string();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    if let Err(e) = fill(&tmp) {
+    let staged = std::fs::create_dir_all(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))
+        .and_then(|()| fill(&tmp))
+        .and_then(|()| sync_dir_files(&tmp));
+    let installed = staged.and_then(|()| {
+        if had_previous {
+            // Swap the two directories in one step, so a crash or kill at any moment leaves
+            // either the old or the new checkpoint under `dir`, never neither.
+            exchange(&tmp, dir).with_context(|| format!("cannot replace {}", dir.display()))
+        } else {
+            std::fs::rename(&tmp, dir)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))
+        }
+    });
+    if let Err(e) = installed {
+        // Classified before the partial files go: their removal frees the space it looks at.
+        let e = failed(e);
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e).with_context(|| format!("writing checkpoint {}", dir.display()));
+        return Err(e);
     }
-    sync_dir_files(&tmp)?;
-    if dir.exists() {
-        // Swap the two directories in one step, so a crash or kill at any moment leaves either
-        // the old or the new checkpoint under `dir`, never neither.
-        exchange(&tmp, dir).with_context(|| format!("cannot replace {}", dir.display()))?;
+    if had_previous {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove the previous {}", tmp.display()))?;
-    } else {
-        std::fs::rename(&tmp, dir)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
     }
     std::fs::File::open(parent)?.sync_all()?;
     Ok(())
+}
+
+/// The error of a failed write to `dest` (`what`: how the message names it): in plain words when
+/// the file system refused it, else `e` with `what` named.
+fn write_failure(what: &str, dest: &Path, had_previous: bool, e: anyhow::Error) -> anyhow::Error {
+    let Some(reason) = refusal_reason(&e, dest) else {
+        return e.context(format!("cannot write {what}"));
+    };
+    tracing::debug!("write of {} failed: {e:#}", dest.display());
+    let kept = match dest.file_name() {
+        Some(name) if had_previous => format!("the previous {} is kept", name.to_string_lossy()),
+        _ => "nothing was written".to_string(),
+    };
+    anyhow!("cannot write {what}: {reason} ({kept})")
+}
+
+/// Why the file system refused a write, in plain words, when it did: from the I/O error in `e`'s
+/// chain, or, when the chain lost it (a library that turned it into text), from the free space
+/// left where `dest` goes.
+fn refusal_reason(e: &anyhow::Error, dest: &Path) -> Option<String> {
+    let io_error = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .find(|io| refusal_of(io).is_some());
+    match io_error {
+        // ENOSPC also means no inodes left, with space to spare: `df` would not show that.
+        Some(io) if io.kind() == io::ErrorKind::StorageFull => Some(
+            free_space(dest)
+                .map(|free| plain_no_space(&free))
+                .unwrap_or_else(|| NO_SPACE.into()),
+        ),
+        Some(io) => refusal_of(io).map(str::to_string),
+        None => {
+            let free = free_space(dest)?;
+            (free.bytes < ALMOST_FULL_BYTES || free.inodes == 0).then(|| plain_no_space(&free))
+        }
+    }
+}
+
+const NO_SPACE: &str = "no space left on device";
+
+/// The plain words for the errors by which a file system refuses a write.
+fn refusal_of(e: &io::Error) -> Option<&'static str> {
+    use io::ErrorKind::*;
+    match e.kind() {
+        StorageFull => Some(NO_SPACE),
+        QuotaExceeded => Some("disk quota exceeded"),
+        ReadOnlyFilesystem => Some("the file system is read-only"),
+        PermissionDenied => Some("permission denied"),
+        FileTooLarge => Some("file too large for the file system"),
+        _ => None,
+    }
+}
+
+/// Below this much free space a failed write is taken for a full disk.
+const ALMOST_FULL_BYTES: u64 = 1 << 20;
+
+/// Space and inodes left to unprivileged writers on the file system holding `path` (or its
+/// nearest existing ancestor).
+struct FreeSpace {
+    bytes: u64,
+    inodes: u64,
+}
+
+fn plain_no_space(free: &FreeSpace) -> String {
+    if free.inodes == 0 {
+        format!("{NO_SPACE} (no free inodes)")
+    } else {
+        NO_SPACE.into()
+    }
+}
+
+#[cfg(unix)]
+fn free_space(path: &Path) -> Option<FreeSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists() && !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(FreeSpace {
+        bytes: (st.f_bavail as u64).saturating_mul(st.f_frsize as u64),
+        // File systems without an inode limit (btrfs, some tmpfs) report 0 files in all.
+        inodes: if st.f_files == 0 {
+            u64::MAX
+        } else {
+            st.f_favail as u64
+        },
+    })
+}
+
+#[cfg(not(unix))]
+fn free_space(_path: &Path) -> Option<FreeSpace> {
+    None
 }
 
 /// Atomically exchanges two paths (Linux `renameat2(RENAME_EXCHANGE)`).
@@ -76,7 +192,8 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes one file atomically: a temporary file beside it, synced, then renamed over it.
+/// Writes one file atomically: a temporary file beside it, synced, then renamed over it. A
+/// failure removes the temporary file and leaves the previous one as it was.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
@@ -84,10 +201,19 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .to_string_lossy()
         .to_string();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    let had_previous = path.exists();
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+        });
+    if let Err(e) = written {
+        let e = write_failure(&path.display().to_string(), path, had_previous, e);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(())
 }
 
@@ -126,5 +252,96 @@ mod tests {
         std::fs::remove_file(&other).unwrap();
         // No temporary directories are left behind.
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    /// /dev/full fails every write with ENOSPC: a file linked to it is a file on a full disk.
+    fn write_to_full_disk(file: &Path) -> Result<()> {
+        std::os::unix::fs::symlink("/dev/full", file)?;
+        Ok(std::fs::write(file, [0u8; 100])?)
+    }
+
+    #[test]
+    fn a_full_disk_is_named_and_the_previous_checkpoint_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("latest");
+        let e = write_atomic(&dir, |d| write_to_full_disk(&d.join("model.mpk"))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot write checkpoint {}: no space left on device (nothing was written)",
+                dir.display()
+            )
+        );
+        write_atomic(&dir, |d| Ok(std::fs::write(d.join("a"), "1")?)).unwrap();
+        let e = write_atomic(&dir, |d| {
+            std::fs::write(d.join("a"), "2")?;
+            write_to_full_disk(&d.join("model.mpk")).context("saving model Student")
+        })
+        .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "cannot write checkpoint {}: no space left on device (the previous latest is kept)",
+                dir.display()
+            )
+        );
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_full_disk_under_a_single_file_is_named_and_the_previous_file_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("inference.json");
+        write_file_atomic(&file, b"old").unwrap();
+        // The temporary file's name is known: make it the full disk.
+        let tmp = root
+            .path()
+            .join(format!(".inference.json.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let e = write_file_atomic(&file, b"new").unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "cannot write {}: no space left on device (the previous inference.json is kept)",
+                file.display()
+            )
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"old");
+        assert!(
+            std::fs::symlink_metadata(&tmp).is_err(),
+            "temporary file left"
+        );
+    }
+
+    #[test]
+    fn refusals_of_the_file_system_are_put_in_plain_words() {
+        let plain = |errno| refusal_of(&io::Error::from_raw_os_error(errno));
+        assert_eq!(plain(libc::ENOSPC), Some("no space left on device"));
+        assert_eq!(plain(libc::EDQUOT), Some("disk quota exceeded"));
+        assert_eq!(plain(libc::EROFS), Some("the file system is read-only"));
+        assert_eq!(plain(libc::EACCES), Some("permission denied"));
+        assert_eq!(plain(libc::EIO), None);
+        assert_eq!(
+            refusal_of(&io::Error::from(io::ErrorKind::StorageFull)),
+            Some("no space left on device")
+        );
+        // An error that lost its I/O error on the way (text only) is called a full disk when the
+        // file system has no space left: /proc reports none available.
+        let text_only = anyhow!("error while writing multi-byte MessagePack value");
+        assert_eq!(
+            refusal_reason(&text_only, Path::new("/proc/kd-launch/latest")).as_deref(),
+            Some("no space left on device")
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(free_space(tmp.path()).unwrap().bytes > 0);
+        // Another failure keeps its own words, with the destination named.
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("latest");
+        let e = write_atomic(&dir, |_| bail!("encoder failed")).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!("cannot write checkpoint {}: encoder failed", dir.display())
+        );
     }
 }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 #[derive(Clone, Debug)]
 pub struct DatasetConfig {
+    /// Its config section (`DataLoader.Train.dataset`), for messages.
+    pub key: String,
     pub name: String,
     pub image_root: PathBuf,
     pub cls_label_path: PathBuf,
@@ -60,6 +62,7 @@ impl LoaderSection {
     pub fn parse(n: &Node, warnings: &mut Vec<String>) -> ConfigResult<LoaderSection> {
         let d = n.require("dataset")?;
         let dataset = DatasetConfig {
+            key: d.path.clone(),
             name: d.str_or("name", "ImageNetDataset")?,
             image_root: PathBuf::from(d.require("image_root")?.as_str()?),
             cls_label_path: PathBuf::from(d.require("cls_label_path")?.as_str()?),

@@ -114,8 +114,12 @@ impl Loader {
                 d.name
             );
         }
-        let ds =
-            ImageNetDataset::from_list(&d.image_root, &d.cls_label_path, d.delimiter.as_deref())?;
+        let ds = ImageNetDataset::from_list(
+            &d.image_root,
+            &d.cls_label_path,
+            d.delimiter.as_deref(),
+            &d.key,
+        )?;
         let sampler = super::BatchSampler {
             len: ds.len(),
             batch_size: sec.sampler.batch_size,
@@ -219,6 +223,7 @@ mod tests {
                 Sample {
                     path,
                     label: i as i64,
+                    line: i + 1,
                 }
             })
             .collect();

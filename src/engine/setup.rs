@@ -68,20 +68,36 @@ pub(crate) fn load_initial_weights<B: AutodiffBackend>(
     Ok(())
 }
 
+/// Fails when a label of `list` (read into `ds`) is beyond a model's `class_num`, naming the
+/// first such line of the list.
 pub(crate) fn check_labels(ds: &ImageNetDataset, cfg: &Config, list: &Path) -> Result<()> {
     let classes = ds.num_classes();
-    for m in &cfg.arch.models {
-        if classes > m.class_num {
-            bail!(
-                "{} has label {} but model {} has class_num {} (set Arch.class_num)",
-                list.display(),
-                classes - 1,
-                m.key,
-                m.class_num
-            );
-        }
-    }
-    Ok(())
+    let Some(m) = cfg.arch.models.iter().find(|m| classes > m.class_num) else {
+        return Ok(());
+    };
+    let Some(first) = ds.samples.iter().find(|s| s.label as usize >= m.class_num) else {
+        return Ok(());
+    };
+    // The line as written (the dataset keeps only its path and label): read again, as this
+    // is the failing path.
+    let text = std::fs::read_to_string(list)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .nth(first.line - 1)
+                .map(|l| format!(" in {:?}", l.trim()))
+        })
+        .unwrap_or_default();
+    bail!(
+        "{}:{}: label {} is out of range for model {} (class_num {}){text}; set Arch.class_num \
+         (the list's largest label is {})",
+        list.display(),
+        first.line,
+        first.label,
+        m.key,
+        m.class_num,
+        classes - 1
+    )
 }
 
 /// Fails unless `cfg` can train (as opposed to `check`, which only warns): every
@@ -94,4 +110,44 @@ pub(crate) fn require_trainable_weights(cfg: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn a_label_beyond_class_num_names_the_list_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("train.txt");
+        std::fs::write(&list, "a.png 1\n\nb.png 12\nc.png 11\n").unwrap();
+        let sample = |label, line| crate::data::dataset::Sample {
+            path: PathBuf::from("x.png"),
+            label,
+            line,
+        };
+        let ds = ImageNetDataset {
+            samples: vec![sample(1, 1), sample(12, 3), sample(11, 4)],
+        };
+        let tree = serde_yaml::from_str(
+            "Arch: {name: DistillationModel, models: [{Teacher: {name: resnet8, class_num: 20}}, \
+             {Student: {name: resnet8, class_num: 10}}]}",
+        )
+        .unwrap();
+        let cfg = Config::from_tree(tree, Path::new("c.yaml"), vec![]).unwrap();
+        let e = check_labels(&ds, &cfg, &list).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:3: label 12 is out of range for model Student (class_num 10) in \"b.png 12\"; \
+                 set Arch.class_num (the list's largest label is 12)",
+                list.display()
+            )
+        );
+        let fits = ImageNetDataset {
+            samples: vec![sample(1, 1), sample(9, 2)],
+        };
+        assert!(check_labels(&fits, &cfg, &list).is_ok());
+    }
 }

@@ -20,10 +20,8 @@ use crate::nn::cpu_conv::ConvAutodiffBackend;
 use crate::nn::BnMode;
 use crate::optim::{sgd_config, LrSchedule};
 use crate::parallel::replicas::{self, SyncCost};
-use crate::weights::recorder;
 use anyhow::{bail, Context, Result};
 use burn::optim::{GradientsParams, Optimizer};
-use burn::record::Recorder;
 use burn::tensor::backend::AutodiffBackend;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -563,8 +561,7 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
         checkpoint::write_atomic(&self.checkpoint_dir(name), |tmp| {
             crate::weights::save_models(&self.model, tmp)?;
             save_loss_parts(&self.loss_parts, tmp)?;
-            recorder()
-                .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
+            crate::weights::save_record::<B, _>(optim.to_record(), &tmp.join(OPTIMIZER_FILE))
                 .context("saving optimizer state")?;
             std::fs::write(
                 tmp.join(checkpoint::STATE_FILE),
@@ -600,9 +597,7 @@ fn resume<B: AutodiffBackend>(
     crate::weights::load_models(model, dir, device)?;
     *loss_parts = load_loss_parts(std::mem::take(loss_parts), dir, device)?;
     let file = dir.join(OPTIMIZER_FILE);
-    let record = recorder()
-        .load(file.clone(), device)
-        .with_context(|| format!("loading optimizer state {}.mpk", file.display()))?;
+    let record = crate::weights::load_record(&file, device).context("loading optimizer state")?;
     // `load_record` consumes the optimizer; a fresh one stands in for the moment it is moved out.
     let placeholder: Optim<B> = burn::optim::SgdConfig::new().init();
     let loaded = std::mem::replace(optim, placeholder).load_record(record);

@@ -5,7 +5,7 @@
 
 use crate::arch::{Backbone, DistillationModel};
 use crate::loss::LossPart;
-use crate::weights::{load_record_checked, recorder};
+use crate::weights::{load_record_checked, save_module};
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -44,10 +44,7 @@ pub fn save_loss_parts<B: Backend>(parts: &[LossPart<B>], dir: &Path) -> Result<
         return Ok(());
     }
     let path = dir.join(LOSS_PARTS_FILE);
-    parts
-        .to_vec()
-        .save_file(&path, &recorder())
-        .with_context(|| format!("saving the losses' layers to {}", path.display()))
+    save_module(parts.to_vec(), &path).context("saving the losses' layers")
 }
 
 /// Loads the losses' layers (when there are any) from a checkpoint directory.

@@ -3,20 +3,18 @@
 //! resolved to a released file ([`import::resolve_released`]), and the by-name view every format
 //! goes through ([`named`]). The models are built by `arch`; this module only fills them.
 
+mod expected_panic;
 pub mod import;
 pub mod named;
+mod record_file;
+
+pub use record_file::{load_record, save_module, save_record, RecordReadError, RecordWriteError};
 
 use crate::arch::{Backbone, DistillationModel};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use std::path::Path;
-
-/// The recorder of every kd-launch record (models, loss layers, optimizer state).
-pub fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
-    NamedMpkFileRecorder::new()
-}
 
 /// Loads a record into `module`, refusing one written for another structure: burn's own loading
 /// asserts (panics) on a different block count and silently accepts other shapes.
@@ -29,10 +27,11 @@ pub fn load_record_checked<B: Backend, M: Module<B>>(
     shapes_error: &str,
 ) -> Result<M> {
     let expected = named::named_shapes(&module);
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        module.load_file(file, &recorder(), device)
-    }))
-    .map_err(|_| anyhow!("{structure_error}"))??;
+    let loaded = match record_file::load_module(module, file, device) {
+        Ok(m) => m,
+        Err(RecordReadError::Mismatch { .. }) => bail!("{structure_error}"),
+        Err(e) => return Err(e.into()),
+    };
     let diff = named::shape_differences(&expected, &named::named_shapes(&loaded));
     if !diff.is_empty() {
         bail!("{shapes_error}: {}", diff.join("; "));
@@ -59,15 +58,11 @@ pub fn save_models<B: AutodiffBackend>(model: &DistillationModel<B>, dir: &Path)
     for slot in &model.slots {
         let path = dir.join(&slot.key);
         if slot.spec.frozen {
-            model.frozen[slot.index]
-                .clone()
-                .save_file(&path, &recorder())
+            save_module(model.frozen[slot.index].clone(), &path)
         } else {
-            model.trainable[slot.index]
-                .clone()
-                .save_file(&path, &recorder())
+            save_module(model.trainable[slot.index].clone(), &path)
         }
-        .with_context(|| format!("saving model {} to {}", slot.key, path.display()))?;
+        .with_context(|| format!("saving model {}", slot.key))?;
     }
     Ok(())
 }
@@ -135,10 +130,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("m");
         let d = Default::default();
-        Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d)
-            .unwrap()
-            .save_file(&file, &recorder())
-            .unwrap();
+        save_module(
+            Backbone::<Flex>::from_spec(&spec("resnet8", 10, ""), &d).unwrap(),
+            &file,
+        )
+        .unwrap();
         let file = file.with_extension("mpk");
         let deeper = Backbone::<Flex>::from_spec(&spec("resnet14", 10, ""), &d).unwrap();
         assert!(load_checked(deeper, &file, &d)
