@@ -1,10 +1,80 @@
 //! Atomic writes: a file or a whole directory is written under a temporary name beside its
 //! destination, synced, and renamed into place, so a crash, a kill or a full disk at any moment
-//! leaves either the old or the new content, never a torn one.
+//! leaves either the old or the new content, never a torn one. A writer killed mid-write leaves
+//! its temporary behind (`.<name>.tmp-<pid>`); [`remove_stale_temporaries`] clears those whose
+//! writer is gone.
 
 use anyhow::{anyhow, Context, Result};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The temporary name this process writes `name` under, beside it.
+fn temporary_name(name: &str) -> String {
+    format!(".{name}.tmp-{}", std::process::id())
+}
+
+/// The pid of the process that wrote temporary `file_name` (see [`temporary_name`]), if the name
+/// is one of ours.
+fn temporary_writer(file_name: &str) -> Option<u32> {
+    let (stem, pid) = file_name.rsplit_once(".tmp-")?;
+    if !stem.starts_with('.') || stem.len() < 2 {
+        return None;
+    }
+    // No process has pid 0 or one beyond i32: such a name is not a temporary of ours.
+    pid.parse::<u32>()
+        .ok()
+        .filter(|&p| p > 0 && p <= i32::MAX as u32)
+}
+
+/// Whether process `pid` (of this machine) no longer exists: `kill(pid, 0)` answers ESRCH. A
+/// process of another user (EPERM) is alive.
+pub(crate) fn process_is_gone(pid: u32) -> bool {
+    // Beyond i32, `pid` would turn into a process group below; 0 is this process's group.
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid == 0 {
+        return true;
+    }
+    // SAFETY: signal 0 sends nothing; it only asks whether the process exists. `pid` is
+    // positive, so this never addresses a process group.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Removes the temporaries in `dir` that [`write_atomic`] / [`write_file_atomic`] left when their
+/// writer was killed: those whose writer pid is no longer alive, and this process's own (a dead
+/// process's that had the same pid: the caller has not written into `dir` yet). A temporary of a
+/// live process stays: it may be writing (an export into the same directory, say). Returns what
+/// was removed; a missing `dir` has none.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    let mut removed = vec![];
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let Some(pid) = entry.file_name().to_str().and_then(temporary_writer) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_is_gone(pid) {
+            continue;
+        }
+        let path = entry.path();
+        // Not followed: a link named like a temporary is removed itself, never its target.
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let gone = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        gone.with_context(|| format!("cannot remove the leftover {}", path.display()))?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
 
 /// Writes a directory atomically (a checkpoint): `fill` writes into a fresh temporary directory
 /// beside `dir`, which then takes `dir`'s place in one atomic exchange. A failure leaves the
@@ -28,7 +98,7 @@ pub fn write_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resul
         .context("checkpoint path has no name")?
         .to_string_lossy()
         .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = parent.join(temporary_name(&name));
     let _ = std::fs::remove_dir_all(&tmp);
     let staged = std::fs::create_dir_all(&tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))
@@ -200,7 +270,7 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .context("file path has no name")?
         .to_string_lossy()
         .to_string();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(temporary_name(&name));
     let had_previous = path.exists();
     let written = std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
@@ -343,5 +413,55 @@ mod tests {
             format!("{e:#}"),
             format!("cannot write checkpoint {}: encoder failed", dir.display())
         );
+    }
+
+    #[test]
+    fn only_temporaries_of_gone_writers_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        exited.wait().unwrap();
+        let dead = exited.id();
+        let mut running = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let live = running.id();
+        let own_ckpt = root
+            .path()
+            .join(format!(".latest.tmp-{}", std::process::id()));
+        std::fs::create_dir(&own_ckpt).unwrap();
+        let dead_ckpt = root.path().join(format!(".latest.tmp-{dead}"));
+        std::fs::create_dir(&dead_ckpt).unwrap();
+        std::fs::write(dead_ckpt.join("model.mpk"), "x").unwrap();
+        let dead_file = root.path().join(format!(".inference.json.tmp-{dead}"));
+        std::fs::write(&dead_file, "x").unwrap();
+        let kept = [
+            format!(".latest.tmp-{live}"),
+            // pid 1 is alive, and another user's process where this runs unprivileged.
+            ".latest.tmp-1".to_string(),
+            format!("latest.tmp-{dead}"),
+            format!(".tmp-{dead}"),
+            ".latest.tmp-4294967295".to_string(),
+            ".latest.tmp-x".to_string(),
+            "latest".to_string(),
+        ];
+        for k in &kept {
+            std::fs::create_dir(root.path().join(k)).unwrap();
+        }
+        let mut removed = remove_stale_temporaries(root.path()).unwrap();
+        running.kill().unwrap();
+        running.wait().unwrap();
+        removed.sort();
+        // This process counts as gone: the caller has not written yet, so an own-pid temporary
+        // is a previous process's.
+        let mut expected = vec![dead_file, dead_ckpt, own_ckpt];
+        expected.sort();
+        assert_eq!(removed, expected);
+        for k in &kept {
+            assert!(root.path().join(k).exists(), "{k} was removed");
+        }
+        assert!(remove_stale_temporaries(&root.path().join("missing"))
+            .unwrap()
+            .is_empty());
     }
 }

@@ -77,7 +77,13 @@ fn run(cli: &Cli) -> Result<i32> {
                 );
             }
             if let Some(a) = cli.command.config_args() {
-                load_config(a, None)?; // a bad config fails here, once, not in every worker
+                let cfg = load_config(a, None)?; // a bad config fails here, once, not in every worker
+                if matches!(cli.command, cli::Command::Train(_)) {
+                    // Rank 0 holds the run directory for the run; trying it here first refuses a
+                    // run into a busy or unusable directory before the workers' logs, which go
+                    // beside it, are truncated.
+                    drop(engine::output_dir::claim_run_dir(&cfg)?);
+                }
             }
             let threads = role::threads_per_local_worker(cli.threads, devices.len());
             let launch = spawn::Launch {

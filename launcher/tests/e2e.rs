@@ -165,7 +165,8 @@ fn train_distill_eval_export_infer_and_resume() {
 }
 
 /// A key that nothing reads is warned about, with the key it resembles: by `check` in its report,
-/// and by `train` once, before the first step. A config without one gets no such warning.
+/// and by `train` once, before the first step (a misspelt section as much as a misspelt key in
+/// one). A config without one gets no such warning.
 #[test]
 fn unknown_keys_are_warned_about_before_training() {
     let tmp = tempfile::tempdir().unwrap();
@@ -182,14 +183,22 @@ fn unknown_keys_are_warned_about_before_training() {
 
     let typo = write(
         &tmp.path().join("typo.yaml"),
-        &text.replace("Global:\n", "Global:\n  epoch: 5\n"),
+        &(text.replace("Global:\n", "Global:\n  epoch: 5\n") + "Globl:\n  epochs: 2\n"),
     );
-    let warning = format!(
-        "{}: Global.epoch: unknown key, ignored; did you mean `Global.epochs`?",
-        typo.display()
-    );
+    let warnings = [
+        format!(
+            "{}: Global.epoch: unknown key, ignored; did you mean `Global.epochs`?",
+            typo.display()
+        ),
+        format!(
+            "{}: Globl: unknown key, ignored; did you mean `Global`?",
+            typo.display()
+        ),
+    ];
     let check = run(&["check", "-c", typo.to_str().unwrap()]);
-    assert!(check.contains(&format!("warning: {warning}\n")), "{check}");
+    for warning in &warnings {
+        assert!(check.contains(&format!("warning: {warning}\n")), "{check}");
+    }
     let out = Command::new(BIN)
         .args(["train", "-c", typo.to_str().unwrap()])
         .env("KD_THREADS", "2")
@@ -197,9 +206,45 @@ fn unknown_keys_are_warned_about_before_training() {
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert_eq!(log.matches(&warning).count(), 1, "{log}");
     let first_step = log.find("[Train]").expect("a training log line");
-    assert!(log.find(&warning).unwrap() < first_step, "{log}");
+    for warning in &warnings {
+        assert_eq!(log.matches(warning.as_str()).count(), 1, "{log}");
+        assert!(log.find(warning.as_str()).unwrap() < first_step, "{log}");
+    }
+}
+
+/// A value the config layer rejects (here a negative learning rate, in the file) stops `train`
+/// before any step, naming the file and the key, with nothing written under `output_dir`.
+#[test]
+fn invalid_values_stop_training_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 4, 3);
+    let out = tmp.path().join("out");
+    let cfg = write(
+        &tmp.path().join("c.yaml"),
+        &format!(
+            "{}Arch: {{name: resnet8, class_num: 3}}\nLoss:\n  Train:\n    - CELoss: {{weight: 1.0}}\n{}",
+            global(&out, 1),
+            data_section(&data).replace("learning_rate: 0.05", "learning_rate: -0.05")
+        ),
+    );
+    let run = Command::new(BIN)
+        .args(["train", "-c", cfg.to_str().unwrap()])
+        .env("KD_THREADS", "2")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{log}");
+    assert!(!log.contains("[Train]"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "{}: Optimizer.lr.learning_rate: must be positive",
+            cfg.display()
+        )),
+        "{log}"
+    );
+    assert!(!out.exists(), "{} was written", out.display());
 }
 
 #[test]

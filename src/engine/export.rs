@@ -78,6 +78,8 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
             cfg.file.display()
         ),
     };
+    // The export directory is made ready before the work, and held while its files are replaced.
+    let _export_dir = super::output_dir::claim_export_dir(cfg)?;
     let mut model = DistillationModel::<B>::new(&cfg.arch, false, &device)?;
     if g.pretrained_model.is_some() {
         load_initial_weights(cfg, &mut model, &device)?;
@@ -131,7 +133,6 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
     // The export directory may hold other files (PaddleClas writes into it): replace only ours,
     // each atomically, weights first so the metadata never points at missing weights.
     let dir = g.save_inference_dir.clone();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     checkpoint::write_file_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     let meta_json = serde_json::to_string_pretty(&meta)?;
     // The same model for other runtimes, with what a deployment needs to feed it.

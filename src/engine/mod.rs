@@ -7,6 +7,7 @@ pub mod evaluate;
 pub mod export;
 pub mod infer;
 pub mod onnx;
+pub mod output_dir;
 pub mod setup;
 pub mod train;
 pub mod trainable;

@@ -6,6 +6,7 @@
 
 use super::checkpoint::{self, TrainState, OPTIMIZER_FILE};
 use super::evaluate::{check_teachers, evaluate, EvalData};
+use super::output_dir::{claim_run_dir, RunDirLock};
 use super::setup::{
     batch_tensors, check_labels, load_initial_weights, loader_threads, require_trainable_weights,
 };
@@ -98,6 +99,8 @@ pub struct Trainer<'a, B: ConvAutodiffBackend> {
     state: TrainState,
     train_metrics: Vec<(String, Vec<usize>)>,
     step_losses: Vec<f32>,
+    /// Rank 0's hold on the run directory, released when the run ends (or the process dies).
+    _run_dir: Option<RunDirLock>,
 }
 
 impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
@@ -108,6 +111,17 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
         let g = &cfg.global;
         let rank = opts.collective.rank();
         let world = opts.collective.world_size();
+        // What this run resumes from, and where it writes, are checked before any work: found
+        // wanting after an epoch, that epoch is lost. Rank 0 writes the checkpoints.
+        if let Some(ckpt) = &g.checkpoints {
+            TrainState::read(ckpt)
+                .with_context(|| format!("{}: Global.checkpoints", cfg.file.display()))?;
+        }
+        let run_dir = opts
+            .collective
+            .is_main()
+            .then(|| claim_run_dir(cfg))
+            .transpose()?;
         B::seed(&device, g.seed);
         let mut model =
             DistillationModel::<B>::new(&cfg.arch, g.frozen_bn_uses_batch_stats, &device)?;
@@ -242,6 +256,7 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
             optim: Some(optim),
             state,
             step_losses: vec![],
+            _run_dir: run_dir,
         })
     }
 
