@@ -206,6 +206,29 @@ fn eval_and_export_refuse_a_checkpoint_with_nan_weights() {
         "{log}"
     );
 
+    // Under mpirun the ranks use MPI collectives behind the same trait, and the same code.
+    if cfg!(feature = "mpi") {
+        let hosts = write(&dir.join("hosts"), "localhost slots=2\n");
+        let hosts = hosts.to_str().unwrap();
+        let args = [
+            "--hostfile",
+            hosts,
+            "--np",
+            "2",
+            "eval",
+            "-c",
+            cfg,
+            "-o",
+            &weights,
+        ];
+        let (code, log) = run_status(&args);
+        assert_eq!(code, Some(1), "{log}");
+        assert!(
+            log.contains("eval at epoch 1: non-finite logits of model Student on ranks 0 and 1"),
+            "{log}"
+        );
+    }
+
     let export_dir = dir.join("exported");
     let (code, log) = run_status(&[
         "export",
