@@ -400,7 +400,7 @@ pub fn check_teachers<B: ConvAutodiffBackend>(
         samples += batch.labels.len();
     }
     // A teacher with NaN weights teaches NaN: refuse it before step 1, naming the tensors.
-    for (slot, &bad) in frozen.iter().zip(&non_finite).filter(|(_, &b)| b > 0) {
+    if let Some((slot, &bad)) = frozen.iter().zip(&non_finite).find(|(_, &b)| b > 0) {
         let tensors = finite::non_finite_tensors(&model.frozen[slot.index]);
         let cause = if tensors.is_empty() {
             "its weights are finite, but overflow on these images (check the transforms)"

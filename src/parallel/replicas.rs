@@ -110,9 +110,13 @@ pub fn grads_hold_non_finite<B: AutodiffBackend, M: Module<B>>(
     })
 }
 
-/// Whether `values` holds a NaN or an infinity (a branch-free pass the compiler vectorises).
+/// Whether `values` holds a NaN or an infinity: whether the largest magnitude, compared as
+/// bits, reaches infinity's (NaNs lie above it); an integer maximum the compiler vectorises.
 fn holds_non_finite(values: &[f32]) -> bool {
-    values.iter().fold(false, |any, v| any | !v.is_finite())
+    const INFINITY_BITS: u32 = 0x7f80_0000;
+    values
+        .chunks(1 << 16)
+        .any(|c| c.iter().map(|v| v.to_bits() & 0x7fff_ffff).max() >= Some(INFINITY_BITS))
 }
 
 /// All-reduces the gradients in `grads` (mean over ranks) and `extra` (sum; e.g. stop flags),
@@ -123,7 +127,10 @@ fn holds_non_finite(values: &[f32]) -> bool {
 /// still have non-finite gradients (a square root or a norm at 0), and a mean with one
 /// infinity poisons every replica's weights. Between ranks the check is one pass over the host
 /// buffer the reduce needs anyway; a single process has no such buffer and checks on the device
-/// ([`grads_hold_non_finite`]: one sum per gradient, about a thousandth of a backward pass).
+/// ([`grads_hold_non_finite`]: one sum per gradient tensor, one read-back). Measured on the CPU
+/// with ResNet50's 25.6M gradients: 15–20 ms on the host (beside the 120 ms copy into the
+/// buffer), 10 ms on the device, against 2 s for the forward and backward pass of 8 images at
+/// 112×112: under 1 % of a step.
 pub fn all_reduce_grads<B: AutodiffBackend, M: Module<B>>(
     module: &M,
     grads: &mut GradientsParams,
@@ -508,6 +515,16 @@ mod tests {
             assert_eq!(o.2, 3.0);
         }
         assert_ne!(out[0].0, out[1].0, "the ranks' own gradients differ");
+    }
+
+    #[test]
+    fn non_finite_values_are_found_by_their_bits() {
+        assert!(!holds_non_finite(&[f32::MAX, -f32::MAX, 0.0, -0.0]));
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut v = vec![1.0; 100_000];
+            v[70_000] = bad;
+            assert!(holds_non_finite(&v), "{bad}");
+        }
     }
 
     /// Gradients of `bn` from a loss whose gradient is `g` everywhere (bias: `g` per channel).
