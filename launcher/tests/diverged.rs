@@ -252,7 +252,8 @@ fn eval_and_export_refuse_a_checkpoint_with_nan_weights() {
 }
 
 /// A frozen teacher whose weights are NaN: refused before step 1 by the teacher check, and
-/// without it (`teacher_check_batches: 0`) every rank stops at the first step, naming it.
+/// without it (`teacher_check_batches: 0`) every rank stops at the first step, naming it and
+/// the loss and gradients that follow from it.
 #[test]
 fn a_teacher_with_nan_weights_stops_training_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -304,9 +305,23 @@ fn a_teacher_with_nan_weights_stops_training_naming_it() {
         log.contains(
             "training stopped at epoch 1, iteration 0, before its update: non-finite logits of \
              frozen model Teacher on ranks 0 and 1; non-finite loss on ranks 0 and 1; non-finite \
-             gradients on ranks 0 and 1; a frozen model gives non-finite outputs"
+             gradients on ranks 0 and 1. A frozen model gives non-finite outputs"
         ),
         "{log}"
     );
     assert!(!out.join("DistillationModel/latest").exists(), "{log}");
+
+    // One process: the same checks, without ranks to name.
+    let no_check = ["train", "-c", cfg, "-o", "Global.teacher_check_batches=0"];
+    let (code, log) = run_status(&no_check);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains(
+            "error: training stopped at epoch 1, iteration 0, before its update: non-finite logits \
+             of frozen model Teacher; non-finite loss; non-finite gradients. A frozen model gives \
+             non-finite outputs: check its weights (`pretrained`) and the preprocessing. Nothing \
+             was saved; the checkpoints already in "
+        ),
+        "{log}"
+    );
 }

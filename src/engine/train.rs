@@ -512,12 +512,13 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
         if let Some(what) = votes.non_finite(&frozen) {
             set.put_back(&mut self.model, &mut self.loss_parts);
             let hint = if votes.any(StepVotes::TEACHERS..votes.kinds) {
-                "a frozen model gives non-finite outputs: check its weights (`pretrained`) and the preprocessing"
+                "A frozen model gives non-finite outputs: check its weights (`pretrained`) and the preprocessing"
             } else {
-                "training diverged: lower the learning rate"
+                "Training diverged: lower the learning rate"
             };
             bail!(
-                "training stopped at epoch {epoch}, iteration {i}, before its update: {what}; {hint}. {}",
+                "training stopped at epoch {epoch}, iteration {i}, before its update: {what}. {hint}. \
+                 Nothing was saved; {}",
                 self.kept_checkpoints()
             );
         }
