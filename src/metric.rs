@@ -8,13 +8,16 @@ use burn::tensor::{Int, Tensor};
 use std::collections::BTreeMap;
 
 /// Top-k accuracy counts: per k, the number of samples whose label is among the k largest
-/// logits.
+/// logits. A row holding any non-finite logit (NaN or ±infinity) is never correct, whatever its
+/// label's logit: with NaN no logit compares greater than the label's, so the label would rank
+/// first, and a diverged model would score perfectly. [`non_finite_rows`] counts those rows.
 pub fn topk_correct<B: Backend>(
     logits: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
     ks: &[usize],
 ) -> Vec<usize> {
     let [n, c] = logits.dims();
+    let non_finite = non_finite_row_flags(logits.clone());
     let target = logits.clone().gather(1, labels.reshape([n, 1]));
     // Rank of the label = number of logits strictly greater than it (ties count in its favour).
     let rank: Vec<i64> = logits
@@ -26,8 +29,37 @@ pub fn topk_correct<B: Backend>(
         .to_vec::<i64>()
         .expect("int data");
     ks.iter()
-        .map(|&k| rank.iter().filter(|&&r| (r as usize) < k).count())
+        .map(|&k| {
+            rank.iter()
+                .zip(&non_finite)
+                .filter(|&(&r, &bad)| !bad && (r as usize) < k)
+                .count()
+        })
         .collect()
+}
+
+/// Per row of `logits`: whether it holds a NaN or an infinity.
+pub fn non_finite_row_flags<B: Backend>(logits: Tensor<B, 2>) -> Vec<bool> {
+    logits
+        .is_finite()
+        .bool_not()
+        .int()
+        .sum_dim(1)
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int data")
+        .into_iter()
+        .map(|bad| bad > 0)
+        .collect()
+}
+
+/// The number of rows of `logits` (samples) that hold a NaN or an infinity.
+pub fn non_finite_rows<B: Backend>(logits: Tensor<B, 2>) -> usize {
+    non_finite_row_flags(logits)
+        .into_iter()
+        .filter(|&b| b)
+        .count()
 }
 
 /// A `Metric.Train` / `Metric.Eval` entry: `TopkAcc` or `DistillationTopkAcc`.
@@ -202,6 +234,31 @@ mod tests {
             report,
             ["m.yaml: Metric.Eval[0].DistillationTopkAcc.top_k: unknown key, ignored; did you mean `Metric.Eval[0].DistillationTopkAcc.topk`?"]
         );
+    }
+
+    #[test]
+    fn a_row_with_a_non_finite_logit_is_never_correct() {
+        use burn::backend::Flex;
+        let d = Default::default();
+        let nan = f32::NAN;
+        let inf = f32::INFINITY;
+        let logits = Tensor::<Flex, 2>::from_floats(
+            [
+                [3.0, 1.0, 0.0], // label 0: correct at k = 1
+                [nan, nan, nan], // all NaN: nothing compares greater than the label
+                [0.0, nan, 1.0], // label 2 is the largest finite logit
+                [inf, 1.0, 0.0], // label 0 is +inf
+                [1.0, 2.0, 3.0], // label 0 ranks third: correct only at k = 3
+            ],
+            &d,
+        );
+        let labels = Tensor::<Flex, 1, Int>::from_ints([0, 1, 2, 0, 0], &d);
+        assert_eq!(topk_correct(logits.clone(), labels, &[1, 2, 3]), [1, 1, 2]);
+        assert_eq!(
+            non_finite_row_flags(logits.clone()),
+            [false, true, true, true, false]
+        );
+        assert_eq!(non_finite_rows(logits), 3);
     }
 
     #[test]

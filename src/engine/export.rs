@@ -87,6 +87,18 @@ pub fn export<B: AutodiffBackend>(cfg: &Config, device: B::Device) -> Result<Pat
         crate::weights::load_models(&mut model, &source, &device)?;
     }
     let (spec, backbone) = model.infer_model()?;
+    // An export of diverged weights would answer NaN for every image, far from the training
+    // run that made it: refuse it, naming the tensors.
+    let non_finite = super::finite::non_finite_tensors(&backbone);
+    if !non_finite.is_empty() {
+        bail!(
+            "{}: the weights of model {} hold NaN or infinite values: {}; they cannot be exported \
+             (export a checkpoint from before the divergence, e.g. best_model)",
+            source.display(),
+            spec.key,
+            super::finite::describe(&non_finite)
+        );
+    }
     let transforms = match (&cfg.infer, &cfg.eval_data) {
         (Some(i), _) if !i.transforms.is_empty() => &i.transforms,
         (_, Some(e)) => &e.dataset.transforms,

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
 pub mod export;
+pub mod finite;
 pub mod infer;
 pub mod onnx;
 pub mod output_dir;

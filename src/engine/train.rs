@@ -5,7 +5,8 @@
 //! eval every `eval_interval` epochs, `latest` / `best_model` / `epoch_N` checkpoints).
 
 use super::checkpoint::{self, TrainState, OPTIMIZER_FILE};
-use super::evaluate::{check_teachers, evaluate, EvalData};
+use super::evaluate::{check_teachers, evaluate, EvalData, NonFiniteEval};
+use super::finite::{self, ranks_phrase};
 use super::output_dir::{claim_run_dir, RunDirLock};
 use super::setup::{
     batch_tensors, check_labels, load_initial_weights, loader_threads, require_trainable_weights,
@@ -64,6 +65,93 @@ struct StepDone {
     stop: bool,
     lr: f64,
     sync: SyncCost,
+}
+
+/// The flags every rank adds to a step's gradient all-reduce: the stop request, then one row per
+/// rank of what that rank found not finite (each rank sets only its own row), so after the sum
+/// every rank knows which ranks saw what, and all stop after the same step. A few floats per
+/// rank beside millions of gradients.
+struct StepVotes {
+    buf: Vec<f32>,
+    world: usize,
+    rank: usize,
+    /// Flags per rank: loss, gradients, then the logits of each frozen model.
+    kinds: usize,
+}
+
+impl StepVotes {
+    const LOSS: usize = 0;
+    const GRADIENTS: usize = 1;
+    const TEACHERS: usize = 2;
+
+    fn new(world: usize, rank: usize, frozen_models: usize) -> Self {
+        let kinds = Self::TEACHERS + frozen_models;
+        StepVotes {
+            buf: vec![0.0; 1 + world * kinds],
+            world,
+            rank,
+            kinds,
+        }
+    }
+
+    fn set_stop(&mut self, stop: bool) {
+        self.buf[0] = stop as u8 as f32;
+    }
+
+    /// A stop asked on any rank.
+    fn stop(&self) -> bool {
+        self.buf[0] > 0.0
+    }
+
+    /// This rank's slot for `kind`.
+    fn own(&self, kind: usize) -> usize {
+        1 + self.rank * self.kinds + kind
+    }
+
+    fn mark(&mut self, kind: usize, non_finite: bool) {
+        let at = self.own(kind);
+        self.buf[at] = non_finite as u8 as f32;
+    }
+
+    /// The ranks that voted `kind`.
+    fn ranks(&self, kind: usize) -> Vec<usize> {
+        (0..self.world)
+            .filter(|r| self.buf[1 + r * self.kinds + kind] > 0.0)
+            .collect()
+    }
+
+    fn any(&self, kinds: std::ops::Range<usize>) -> bool {
+        kinds.into_iter().any(|k| !self.ranks(k).is_empty())
+    }
+
+    /// `non-finite logits of frozen model Teacher on rank 1; non-finite loss on ranks 0 and 1`
+    /// (without ranks in a single process); `None` when all was finite. The frozen models'
+    /// logits come first: they explain a loss that follows them.
+    fn non_finite(&self, frozen: &[String]) -> Option<String> {
+        let what = |kind: usize| match kind {
+            Self::LOSS => "loss".to_string(),
+            Self::GRADIENTS => "gradients".to_string(),
+            t => format!("logits of frozen model {}", frozen[t - Self::TEACHERS]),
+        };
+        let order = (Self::TEACHERS..self.kinds).chain([Self::LOSS, Self::GRADIENTS]);
+        let parts: Vec<String> = order
+            .filter_map(|kind| {
+                let ranks = self.ranks(kind);
+                (!ranks.is_empty()).then(|| {
+                    if self.world == 1 {
+                        format!("non-finite {}", what(kind))
+                    } else {
+                        format!(
+                            "non-finite {} on {}",
+                            what(kind),
+                            ranks_phrase(&ranks, self.world)
+                        )
+                    }
+                })
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
 }
 
 /// How an epoch's steps ended.
@@ -378,7 +466,8 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
     }
 
     /// One training step on `batch`: forward, loss, backward, gradient exchange (with the stop
-    /// request and a non-finite-loss vote), optimizer step.
+    /// request and votes on a non-finite loss, frozen-model logits or gradients), optimizer
+    /// step. Anything non-finite on any rank fails the step on every rank, before its update.
     fn step(
         &mut self,
         batch: &Batch,
@@ -403,16 +492,29 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
         add_topk(avg, &outputs, &y, &self.train_metrics)?;
         let total = values.record(avg, n);
         self.step_losses.push(total);
+        // What this rank found not finite, voted with the gradients (see `StepVotes`).
+        let frozen: Vec<String> = self
+            .model
+            .slots
+            .iter()
+            .filter(|s| s.spec.frozen)
+            .map(|s| s.key.clone())
+            .collect();
+        let coll = self.opts.collective.as_mut();
+        let mut votes = StepVotes::new(coll.world_size(), coll.rank(), frozen.len());
+        votes.set_stop(self.opts.stop.load(Ordering::SeqCst));
+        votes.mark(StepVotes::LOSS, !total.is_finite());
+        for (t, key) in frozen.iter().enumerate() {
+            let logits = outputs[key].logits.clone();
+            votes.mark(StepVotes::TEACHERS + t, finite::any_non_finite(logits));
+        }
         let set = TrainableSet::take(&mut self.model, &mut self.loss_parts);
         let mut grads = GradientsParams::from_grads(values.total.backward(), &set);
-        // The stop request and a diverged loss travel with the gradients, so every rank
-        // stops, or fails, after the same step.
-        let mut votes = [
-            self.opts.stop.load(Ordering::SeqCst) as u8 as f32,
-            !total.is_finite() as u8 as f32,
-        ];
+        // The stop request and what was not finite travel with the gradients, so every rank
+        // stops, or fails, after the same step, and knows which ranks saw what.
+        let grads_slot = votes.own(StepVotes::GRADIENTS);
         let synced =
-            replicas::all_reduce_grads(&set, &mut grads, &mut votes, self.opts.collective.as_mut());
+            replicas::all_reduce_grads(&set, &mut grads, &mut votes.buf, Some(grads_slot), coll);
         let sync = match synced {
             Ok(s) => s,
             Err(e) => {
@@ -420,13 +522,17 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
                 return Err(e);
             }
         };
-        if votes[1] > 0.0 {
+        if let Some(what) = votes.non_finite(&frozen) {
             set.put_back(&mut self.model, &mut self.loss_parts);
+            let hint = if votes.any(StepVotes::TEACHERS..votes.kinds) {
+                "A frozen model gives non-finite outputs: check its weights (`pretrained`) and the preprocessing"
+            } else {
+                "Training diverged: lower the learning rate"
+            };
             bail!(
-                "loss is not finite at epoch {epoch}, iteration {i} (here {total}; on {} of {} ranks): \
-                 training diverged (lower the learning rate?)",
-                votes[1],
-                self.opts.collective.world_size()
+                "training stopped at epoch {epoch}, iteration {i}, before its update: {what}. {hint}. \
+                 Nothing was saved; {}",
+                self.kept_checkpoints()
             );
         }
         let lr = self.schedule.at(self.state.global_step, epoch - 1);
@@ -439,7 +545,7 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
             .put_back(&mut self.model, &mut self.loss_parts);
         self.state.global_step += 1;
         Ok(StepDone {
-            stop: votes[0] > 0.0,
+            stop: votes.stop(),
             lr,
             sync,
         })
@@ -471,6 +577,7 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
         self.state.epoch = epoch - 1;
         self.state.step_in_epoch = i;
         self.sync_running_stats()?;
+        self.refuse_non_finite_weights(&format!("at epoch {epoch}, iteration {i}"))?;
         if self.opts.collective.is_main() {
             self.save("latest")?;
             tracing::info!(
@@ -510,6 +617,7 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
             || epoch == g.epochs;
         let mut improved = false;
         if let (Some(data), true) = (&self.eval_data, eval_now) {
+            // Non-finite logits or eval loss fail the epoch here, before any of its checkpoints.
             let report = evaluate(
                 &self.model,
                 data,
@@ -517,7 +625,21 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
                 self.eval_loss.as_ref(),
                 epoch,
                 self.opts.collective.as_mut(),
-            )?;
+            )
+            .map_err(|e| match e.downcast_ref::<NonFiniteEval>() {
+                Some(nf) => {
+                    let hint = if nf.trained_model_diverged() {
+                        "the trained weights diverged: lower the learning rate"
+                    } else {
+                        "a frozen model gives non-finite outputs: check its weights (`pretrained`)"
+                    };
+                    anyhow::anyhow!(
+                        "{nf}: {hint}. No checkpoint of epoch {epoch} was written; {}",
+                        self.kept_checkpoints()
+                    )
+                }
+                None => e,
+            })?;
             if report.top1 > self.state.best_top1 || self.state.best_epoch == 0 {
                 self.state.best_top1 = report.top1;
                 self.state.best_epoch = epoch;
@@ -530,6 +652,8 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
                 );
             }
         }
+        // Without an eval this epoch, non-finite weights would still reach `latest`.
+        self.refuse_non_finite_weights(&format!("after epoch {epoch}"))?;
         if main {
             self.save("latest")?;
             if improved {
@@ -561,6 +685,61 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
                 replicas::average_running_stats(std::mem::take(&mut self.model.frozen), coll)?;
         }
         Ok(())
+    }
+
+    /// Fails when a model's weights or the losses' layers hold NaN or infinite values, naming
+    /// the tensors: such weights must not reach a checkpoint. Every rank checks (the replicas
+    /// are identical), so all stop together without a collective.
+    fn refuse_non_finite_weights(&self, when: &str) -> Result<()> {
+        let mut bad: Vec<String> = vec![];
+        for slot in &self.model.slots {
+            let tensors = if slot.spec.frozen {
+                finite::non_finite_tensors(&self.model.frozen[slot.index])
+            } else {
+                finite::non_finite_tensors(&self.model.trainable[slot.index])
+            };
+            if !tensors.is_empty() {
+                bad.push(format!(
+                    "model {}: {}",
+                    slot.key,
+                    finite::describe(&tensors)
+                ));
+            }
+        }
+        let tensors = finite::non_finite_tensors(&self.loss_parts);
+        if !tensors.is_empty() {
+            bad.push(format!(
+                "the losses' layers: {}",
+                finite::describe(&tensors)
+            ));
+        }
+        if bad.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the weights are not finite {when} ({}): training diverged: lower the learning rate. \
+             No checkpoint was written; {}",
+            bad.join("; "),
+            self.kept_checkpoints()
+        )
+    }
+
+    /// What a run that fails now leaves on disk, for its error message.
+    fn kept_checkpoints(&self) -> String {
+        let dir = self.arch_dir();
+        if self.state.best_epoch > 0 {
+            format!(
+                "best_model (top1 {:.5}, epoch {}) and latest in {} are the last good ones",
+                self.state.best_top1,
+                self.state.best_epoch,
+                dir.display()
+            )
+        } else {
+            format!(
+                "the checkpoints already in {} (if any) are untouched",
+                dir.display()
+            )
+        }
     }
 
     fn checkpoint_dir(&self, name: &str) -> PathBuf {
@@ -618,4 +797,48 @@ fn resume<B: AutodiffBackend>(
     let loaded = std::mem::replace(optim, placeholder).load_record(record);
     *optim = loaded;
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepVotes;
+
+    /// The votes of `world` ranks after the sum: `marks` are (rank, kind) pairs.
+    fn voted(world: usize, frozen: usize, marks: &[(usize, usize)]) -> StepVotes {
+        let mut sum = StepVotes::new(world, 0, frozen);
+        for &(rank, kind) in marks {
+            let mut own = StepVotes::new(world, rank, frozen);
+            own.mark(kind, true);
+            for (s, o) in sum.buf.iter_mut().zip(&own.buf) {
+                *s += o;
+            }
+        }
+        sum
+    }
+
+    #[test]
+    fn step_votes_name_what_was_not_finite_and_on_which_ranks() {
+        let frozen = ["Teacher".to_string()];
+        assert_eq!(voted(2, 1, &[]).non_finite(&frozen), None);
+        let v = voted(
+            2,
+            1,
+            &[
+                (1, StepVotes::TEACHERS),
+                (0, StepVotes::LOSS),
+                (1, StepVotes::LOSS),
+                (1, StepVotes::GRADIENTS),
+            ],
+        );
+        assert_eq!(
+            v.non_finite(&frozen).unwrap(),
+            "non-finite logits of frozen model Teacher on rank 1; non-finite loss on ranks 0 and 1; \
+             non-finite gradients on rank 1"
+        );
+        assert!(v.any(StepVotes::TEACHERS..v.kinds));
+        assert!(!v.stop());
+        // One process: no ranks named.
+        let v = voted(1, 0, &[(0, StepVotes::GRADIENTS)]);
+        assert_eq!(v.non_finite(&[]).unwrap(), "non-finite gradients");
+    }
 }
