@@ -26,9 +26,16 @@ pub fn install() -> Result<Arc<AtomicBool>> {
         })
         .context("cannot install the Ctrl-C handler")?;
     }
-    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    // SAFETY: the handler only stores to an atomic (async-signal-safe); the mask calls only
+    // touch this thread's signal mask.
     unsafe {
         libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
+        // A launcher starts its workers with SIGINT blocked (see `spawn`): with the handler in
+        // place, a Ctrl-C that came meanwhile is delivered now, to it.
+        let mut int: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut int);
+        libc::sigaddset(&mut int, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &int, std::ptr::null_mut());
     }
     let watched = stop.clone();
     std::thread::spawn(move || loop {

@@ -160,6 +160,13 @@ pub fn run(launch: &Launch, interrupted: &AtomicBool) -> Result<i32> {
                 libc::setpgid(0, 0);
                 // Killed with the launcher, however the launcher dies.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // A Ctrl-C forwarded before the worker's handler is installed would kill it
+                // (the default action), reported as a failed rank: SIGINT stays blocked, so
+                // pending, until `signals::install` has the handler in place and unblocks it.
+                let mut int: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut int);
+                libc::sigaddset(&mut int, libc::SIGINT);
+                libc::sigprocmask(libc::SIG_BLOCK, &int, std::ptr::null_mut());
                 if libc::getppid() != launcher_pid {
                     libc::_exit(1); // the launcher died before prctl took effect
                 }

@@ -477,6 +477,15 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
     ) -> Result<StepDone> {
         let g = &self.cfg.global;
         let n = batch.labels.len();
+        // Dropout draws its masks from the backend's random stream, whose position a checkpoint
+        // cannot hold: seeded per step from (seed, rank, step), a resumed run draws the masks
+        // the uninterrupted one draws (as MGD's masks are drawn from (seed, step)).
+        B::seed(
+            &self.device,
+            g.seed
+                ^ (self.opts.collective.rank() as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+                ^ (self.state.global_step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         let (x, y) = batch_tensors::<B>(batch, &self.device);
         let outputs = self.model.forward_train(x);
         let values = self.loss.forward(&LossContext {
