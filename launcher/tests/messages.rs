@@ -316,11 +316,13 @@ fn a_full_disk_is_named_and_the_previous_latest_kept() {
     let latest = keep.join("resnet8/latest");
     let state = std::fs::read_to_string(latest.join("state.json")).unwrap();
     assert!(state.contains("\"epoch\": 1,"), "{state}");
-    let left: Vec<_> = std::fs::read_dir(keep.join("resnet8"))
+    // (`.lock` is the run's output-directory lock, kept on purpose.)
+    let mut left: Vec<_> = std::fs::read_dir(keep.join("resnet8"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(left, ["latest"], "{left:?}");
+    left.sort();
+    assert_eq!(left, [".lock", "latest"], "{left:?}");
     let ev = run(&[
         "eval",
         "-c",
