@@ -291,12 +291,12 @@ impl<'a, B: ConvAutodiffBackend> Trainer<'a, B> {
         }
         if world > 1 {
             // Every replica starts from rank 0's weights, buffers and frozen models (same seed or
-            // not, same files or not), and draws its own random numbers (dropout) from here on.
+            // not, same files or not). Each draws its own dropout masks: `step` seeds them from
+            // (seed, rank, step).
             let coll = opts.collective.as_mut();
             let set = TrainableSet::take(&mut model, &mut loss_parts);
             replicas::broadcast_from_main(set, coll)?.put_back(&mut model, &mut loss_parts);
             model.frozen = replicas::broadcast_from_main(std::mem::take(&mut model.frozen), coll)?;
-            B::seed(&device, g.seed.wrapping_add(rank as u64));
             tracing::info!(
                 "rank {rank} of {world} ({} collectives): replicas synchronised from rank 0",
                 opts.collective.kind()
