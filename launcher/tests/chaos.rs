@@ -26,7 +26,7 @@
 
 mod common;
 
-use common::{kd_config, make_dataset, BIN};
+use common::{children_of, kd_config, make_dataset, safetensors_f32, BIN};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -344,25 +344,6 @@ fn temp_dirs(arch_dir: &Path) -> Vec<String> {
     v
 }
 
-/// The pids of `parent`'s children (a launcher's workers).
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = vec![];
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        if after.split(' ').nth(1).and_then(|p| p.parse().ok()) == Some(parent) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// Whether `pid` still runs (a zombie counts as gone).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -550,26 +531,10 @@ fn report(title: &str, log: &[Interruption]) {
     }
 }
 
-/// The tensors of an export, by name.
-fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<f32>> {
-    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let v = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, v)
-        })
-        .collect()
-}
-
 /// The tensors that differ: name, how many values, the largest difference relative to the
 /// tensor's largest magnitude.
 fn differences(a: &[u8], b: &[u8]) -> Vec<(String, usize, f32)> {
-    let (ta, tb) = (tensors(a), tensors(b));
+    let (ta, tb) = (safetensors_f32(a), safetensors_f32(b));
     assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     let mut out = vec![];
     for (name, x) in &ta {

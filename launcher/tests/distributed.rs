@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{kd_config, make_dataset, run, student_weights, write, BIN};
+use common::{children_of, kd_config, make_dataset, run, student_weights, write, BIN};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -227,30 +227,18 @@ fn nproc_workers_run_on_the_cpu_whatever_the_config_says() {
 
 /// The pids of `parent`'s children, with their `RANK`.
 fn workers_of(parent: u32) -> Vec<(u32, usize)> {
-    let mut out = vec![];
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
-        if ppid != parent {
-            continue;
-        }
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let rank = env
-            .split(|b| *b == 0)
-            .filter_map(|kv| std::str::from_utf8(kv).ok()?.strip_prefix("RANK="))
-            .next()
-            .and_then(|r| r.parse().ok());
-        if let Some(rank) = rank {
-            out.push((pid, rank));
-        }
-    }
+    let mut out: Vec<(u32, usize)> = children_of(parent)
+        .into_iter()
+        .filter_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let rank = env
+                .split(|b| *b == 0)
+                .filter_map(|kv| std::str::from_utf8(kv).ok()?.strip_prefix("RANK="))
+                .next()
+                .and_then(|r| r.parse().ok())?;
+            Some((pid, rank))
+        })
+        .collect();
     out.sort_by_key(|w| w.1);
     out
 }

@@ -165,8 +165,12 @@ pub fn student_weights(cfg: &Path, ckpt: &Path, dir: &Path) -> BTreeMap<String, 
         &format!("Global.pretrained_model={}", ckpt.display()),
         &format!("Global.save_inference_dir={}", dir.display()),
     ]);
-    let bytes = std::fs::read(dir.join("inference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    safetensors_f32(&std::fs::read(dir.join("inference.safetensors")).unwrap())
+}
+
+/// The f32 tensors of a safetensors file's bytes, by name.
+pub fn safetensors_f32(bytes: &[u8]) -> BTreeMap<String, Vec<f32>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
@@ -178,4 +182,23 @@ pub fn student_weights(cfg: &Path, ckpt: &Path, dir: &Path) -> BTreeMap<String, 
             (name, v)
         })
         .collect()
+}
+
+/// The pids of `parent`'s children (a launcher's workers), from /proc.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        if after.split(' ').nth(1).and_then(|p| p.parse().ok()) == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
 }
