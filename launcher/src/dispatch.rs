@@ -4,20 +4,27 @@
 use crate::cli::{Cli, Command, ConfigArgs, DatasetCommand};
 use crate::role::{worker_threads, Device};
 use anyhow::{bail, Result};
-use kd_engine::engine::{self, InferSource, RunOptions};
+use kd_engine::engine::{self, DeviceKind, InferSource, RunOptions};
 use kd_engine::parallel::Rendezvous;
 use kd_engine::Config;
 use std::io::IsTerminal;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// The config a command names, with `Global.device` overridden where the role decides it.
-pub fn load_config(args: &ConfigArgs, device_override: Option<&str>) -> Result<Config> {
-    let mut overrides = args.overrides.clone();
-    if let Some(d) = device_override {
-        overrides.push(format!("Global.device={d}"));
+/// The config a command names, on the device the role decides: `--nproc` workers on the CPU
+/// whatever the config says; `--gpus` workers on the config's GPU backend (wgpu when
+/// `Global.device` says so, else CUDA).
+pub fn load_config(args: &ConfigArgs, device: Device) -> Result<Config> {
+    let mut cfg = Config::load(&args.config, &args.overrides)?;
+    match device {
+        Device::FromConfig => {}
+        Device::Cpu => cfg.global.device = DeviceKind::Cpu,
+        Device::Gpu(_) => {
+            if cfg.global.device == DeviceKind::Cpu {
+                cfg.global.device = DeviceKind::Gpu;
+            }
+        }
     }
-    let cfg = Config::load(&args.config, &overrides)?;
     for w in &cfg.warnings {
         tracing::warn!("{w}");
     }
@@ -32,17 +39,16 @@ pub fn run_job(
     device: Device,
     stop: Arc<AtomicBool>,
 ) -> Result<i32> {
-    let (device_override, local_device) = match device {
-        Device::FromConfig => (None, 0),
-        Device::Cpu => (Some("cpu"), 0),
-        Device::Gpu(id) => (Some("gpu"), id),
+    let local_device = match device {
+        Device::Gpu(id) => Some(id),
+        Device::FromConfig | Device::Cpu => None,
     };
     let collective = |cfg: &Config| -> Result<Box<dyn kd_engine::parallel::Collective>> {
-        // NCCL refuses two ranks on one GPU; KD_GPU_COLLECTIVE=host sends GPU workers'
-        // gradients over the rendezvous connections instead (e.g. to test on one GPU).
-        let nccl = cfg.global.device == kd_engine::engine::DeviceKind::Gpu
-            && std::env::var("KD_GPU_COLLECTIVE").as_deref() != Ok("host");
-        kd_engine::parallel::connect(&rendezvous, nccl, local_device)
+        // CUDA workers all-reduce over NCCL; wgpu workers (and CUDA ones with
+        // KD_GPU_COLLECTIVE=host, e.g. two on one GPU, which NCCL refuses) over the
+        // rendezvous connections.
+        let nccl = cfg.global.device == DeviceKind::Gpu && !host_collective_asked();
+        kd_engine::parallel::connect(&rendezvous, nccl, local_device.unwrap_or(0))
     };
     let single = rendezvous == Rendezvous::Single;
     if !single {
@@ -54,7 +60,7 @@ pub fn run_job(
             match device {
                 Device::FromConfig => "from the config".to_string(),
                 Device::Cpu => "cpu".to_string(),
-                Device::Gpu(g) => format!("gpu {g}"),
+                Device::Gpu(g) => format!("{g} of --gpus"),
             }
         );
     }
@@ -71,12 +77,12 @@ pub fn run_job(
     };
     match &cli.command {
         Command::Check(a) => {
-            let cfg = load_config(a, device_override)?;
+            let cfg = load_config(a, device)?;
             println!("{}", engine::check(&cfg)?);
             println!("config OK");
         }
         Command::Train(a) => {
-            let cfg = load_config(a, device_override)?;
+            let cfg = load_config(a, device)?;
             engine::init_cpu_threads(threads);
             let s = engine::run_train(&cfg, opts(collective(&cfg)?))?;
             let ckpt = s.output_dir.display();
@@ -94,7 +100,7 @@ pub fn run_job(
             }
         }
         Command::Eval(a) => {
-            let cfg = load_config(a, device_override)?;
+            let cfg = load_config(a, device)?;
             engine::init_cpu_threads(threads);
             let r = engine::run_eval(&cfg, opts(collective(&cfg)?))?;
             if rank == 0 {
@@ -102,7 +108,7 @@ pub fn run_job(
             }
         }
         Command::Export(a) => {
-            let cfg = load_config(a, device_override)?;
+            let cfg = load_config(a, device)?;
             let dir = engine::run_export(&cfg, opts(Box::new(kd_engine::parallel::SingleProcess)))?;
             println!(
                 "exported model {} to {}",
@@ -132,7 +138,7 @@ pub fn run_job(
                             config: c.clone(),
                             overrides: overrides.clone(),
                         },
-                        device_override,
+                        device,
                     )?;
                     engine::run_infer(InferSource::Config(&cfg), images.as_deref(), opts)?
                 }
@@ -178,6 +184,11 @@ pub fn run_job(
         }
     }
     Ok(0)
+}
+
+/// `KD_GPU_COLLECTIVE=host`: CUDA workers exchange gradients over the host collectives.
+pub fn host_collective_asked() -> bool {
+    std::env::var("KD_GPU_COLLECTIVE").as_deref() == Ok("host")
 }
 
 fn rendezvous_kind(rv: &Rendezvous) -> &'static str {

@@ -27,7 +27,12 @@ pub fn init(file: Option<std::fs::File>, console: bool) {
     let ansi = file.is_none() && std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // burn-wgpu's libraries log every adapter and device they open at info level,
+                // with all their feature flags: kd-launch logs the adapter itself.
+                "info,cubecl_wgpu=warn,cubecl_runtime=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn"
+                    .into()
+            }),
         )
         .with_target(false)
         .with_ansi(ansi)

@@ -26,6 +26,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 fn main() {
+    quiet_wayland_probe();
     let cli = Cli::parse();
     let code = match run(&cli) {
         Ok(code) => code,
@@ -35,6 +36,17 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Vulkan drivers (Mesa's lavapipe among them) try to reach a Wayland compositor when a wgpu
+/// device starts, and without `XDG_RUNTIME_DIR` libwayland prints `error: XDG_RUNTIME_DIR is
+/// invalid or not set` on stderr, once per adapter probe. kd-launch draws nothing on screen, so
+/// pointing the variable at the temporary directory (where no compositor's socket is found)
+/// only removes the noise. Done first in `main`, before any thread exists.
+fn quiet_wayland_probe() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
 }
 
 /// The output directory a config names (for worker logs), if it loads.
@@ -70,14 +82,29 @@ fn run(cli: &Cli) -> Result<i32> {
             device,
         } => run_job(cli, rendezvous, rank, device, stop),
         Role::Launcher { devices } => {
-            if devices.iter().any(Option::is_some) && !cfg!(feature = "cuda") {
-                bail!(
-                    "--gpus: this kd-launch was built without GPU support: rebuild with \
-                     `cargo build --release --features cuda` (or use --nproc N for CPU workers)"
-                );
-            }
+            let on_gpus = devices.iter().any(Option::is_some);
             if let Some(a) = cli.command.config_args() {
-                let cfg = load_config(a, None)?; // a bad config fails here, once, not in every worker
+                // A bad config fails here, once, not in every worker.
+                let device = if on_gpus {
+                    role::Device::Gpu(0)
+                } else {
+                    role::Device::Cpu
+                };
+                let cfg = load_config(a, device)?;
+                if let Some(missing) = engine::backend::missing_feature(cfg.global.device) {
+                    bail!("--gpus: {missing} (or use --nproc N for CPU workers)");
+                }
+                if let Some(id) = role::repeated_gpu(&devices) {
+                    if cfg.global.device == engine::DeviceKind::Gpu
+                        && !dispatch::host_collective_asked()
+                    {
+                        bail!(
+                            "--gpus lists GPU {id} twice: NCCL takes one worker per GPU \
+                             (KD_GPU_COLLECTIVE=host lets workers share a GPU, with gradients over \
+                             the host)"
+                        );
+                    }
+                }
                 if matches!(cli.command, cli::Command::Train(_)) {
                     // Rank 0 holds the run directory for the run; trying it here first refuses a
                     // run into a busy or unusable directory before the workers' logs, which go
@@ -100,7 +127,7 @@ fn run(cli: &Cli) -> Result<i32> {
                 bail!("--hostfile: {}", kd_engine::parallel::MPI_MISSING);
             }
             if let Some(a) = cli.command.config_args() {
-                load_config(a, None)?;
+                load_config(a, role::Device::FromConfig)?;
             }
             mpirun::run(
                 &hostfile,

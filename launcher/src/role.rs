@@ -47,13 +47,17 @@ fn parse_gpus(list: &str) -> Result<Vec<usize>> {
                 .with_context(|| format!("--gpus {list:?}: {s:?} is not a GPU id"))
         })
         .collect::<Result<_>>()?;
-    let mut sorted = ids.clone();
-    sorted.sort();
-    sorted.dedup();
-    if sorted.len() != ids.len() {
-        bail!("--gpus {list}: a GPU is listed twice");
+    if ids.is_empty() {
+        bail!("--gpus {list:?}: no GPU id");
     }
     Ok(ids)
+}
+
+/// A GPU `--gpus` lists more than once, if any: workers can share a GPU over the host
+/// collectives (wgpu, or CUDA with `KD_GPU_COLLECTIVE=host`), not over NCCL.
+pub fn repeated_gpu(ids: &[Option<usize>]) -> Option<usize> {
+    let mut seen = std::collections::HashSet::new();
+    ids.iter().flatten().copied().find(|id| !seen.insert(*id))
 }
 
 fn env_usize(name: &str) -> Result<Option<usize>> {

@@ -464,14 +464,24 @@ fn sigint_stops_every_worker_with_a_resumable_checkpoint() {
 /// Launch arguments that cannot work are refused before anything starts.
 #[test]
 fn bad_launch_arguments_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = kd_config(dir, "c.yaml", &dir.join("data"), &dir.join("out"), 1, 4, "");
+    let cfg = cfg.to_str().unwrap();
+    let twice_on_nccl = if cfg!(feature = "cuda") {
+        "listed twice"
+    } else {
+        "--features cuda"
+    };
     let cases: &[(&[&str], &str)] = &[
         (
-            &["--nproc", "2", "--gpus", "0,1", "check", "-c", "x.yaml"],
+            &["--nproc", "2", "--gpus", "0,1", "check", "-c", cfg],
             "--nproc and --gpus",
         ),
-        (&["--nproc", "0", "train", "-c", "x.yaml"], "at least 1"),
-        (&["--gpus", "0,0", "train", "-c", "x.yaml"], "listed twice"),
-        (&["--np", "2", "train", "-c", "x.yaml"], "--hostfile"),
+        (&["--nproc", "0", "train", "-c", cfg], "at least 1"),
+        (&["--gpus", "0,0", "train", "-c", cfg], twice_on_nccl),
+        (&["--gpus", ",", "train", "-c", cfg], "no GPU id"),
+        (&["--np", "2", "train", "-c", cfg], "--hostfile"),
     ];
     for (args, needle) in cases {
         let (code, out, err) = run_status(args);
@@ -479,12 +489,25 @@ fn bad_launch_arguments_are_refused() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
     if !cfg!(feature = "cuda") {
-        let (code, _, err) = run_status(&["--gpus", "0,1", "train", "-c", "x.yaml"]);
+        let (code, _, err) = run_status(&["--gpus", "0,1", "train", "-c", cfg]);
         assert_eq!(code, Some(1));
         assert!(
             err.contains("--features cuda") && err.contains("--nproc"),
             "{err}"
         );
+    }
+    if !cfg!(feature = "wgpu") {
+        let (code, _, err) = run_status(&[
+            "--gpus",
+            "0,1",
+            "train",
+            "-c",
+            cfg,
+            "-o",
+            "Global.device=wgpu",
+        ]);
+        assert_eq!(code, Some(1));
+        assert!(err.contains("--features wgpu"), "{err}");
     }
     if !cfg!(feature = "mpi") {
         // The default build says what to install.

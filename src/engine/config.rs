@@ -14,8 +14,24 @@ use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// burn-flex with kd-launch's CPU convolution.
     Cpu,
+    /// burn-cuda (feature `cuda`), gradients over NCCL.
     Gpu,
+    /// burn-wgpu (feature `wgpu`): Vulkan, Metal or DX12 adapters, Mesa's lavapipe on a machine
+    /// without a GPU; gradients over the host collectives.
+    Wgpu,
+}
+
+impl DeviceKind {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Gpu => "gpu",
+            DeviceKind::Wgpu => "wgpu",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -200,10 +216,11 @@ fn parse_global(g: &Node, train: Option<&LoaderSection>) -> ConfigResult<GlobalC
     let device = match g.str_or("device", "cpu")?.to_ascii_lowercase().as_str() {
         "cpu" => DeviceKind::Cpu,
         "gpu" | "cuda" => DeviceKind::Gpu,
+        "wgpu" | "vulkan" => DeviceKind::Wgpu,
         other => {
-            return Err(g
-                .require("device")?
-                .error(format!("unknown device {other:?}; expected cpu or gpu")));
+            return Err(g.require("device")?.error(format!(
+                "unknown device {other:?}; expected cpu, gpu or wgpu"
+            )));
         }
     };
     let image_shape = match g.usize_list("image_shape")? {

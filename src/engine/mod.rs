@@ -1,6 +1,7 @@
 //! The engine: commands a worker runs (check, train, eval, infer, export), generic over burn's
 //! backends and chosen at run time from `Global.device`.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
@@ -19,6 +20,11 @@ use anyhow::Result;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+pub use backend::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use backend::CudaBackend;
+#[cfg(feature = "wgpu")]
+pub use backend::WgpuBackend;
 pub use config::{Config, DeviceKind, GlobalConfig};
 pub use evaluate::EvalReport;
 pub use infer::{InferResult, InferSource};
@@ -32,8 +38,10 @@ pub struct RunOptions {
     pub collective: Box<dyn Collective>,
     /// Draw a progress bar (when stdout is a terminal).
     pub progress: bool,
-    /// The device index on the machine (GPU ordinal; ignored on CPU).
-    pub local_device: usize,
+    /// The device on this machine `--gpus` chose: a CUDA ordinal, or an index into the wgpu
+    /// adapter list; `None`: the backend's default (GPU 0, wgpu's preferred adapter). Ignored
+    /// on the CPU.
+    pub local_device: Option<usize>,
 }
 
 impl Default for RunOptions {
@@ -42,52 +50,9 @@ impl Default for RunOptions {
             stop: Arc::new(AtomicBool::new(false)),
             collective: Box::new(crate::parallel::SingleProcess),
             progress: false,
-            local_device: 0,
+            local_device: None,
         }
     }
-}
-
-pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
-#[cfg(feature = "cuda")]
-pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
-
-/// Runs `$body` with `$B` bound to the autodiff backend of `Global.device` and `$dev` to its device.
-#[macro_export]
-macro_rules! with_backend {
-    ($cfg:expr, $opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
-        match $cfg.global.device {
-            $crate::engine::DeviceKind::Cpu => {
-                type $B = $crate::engine::CpuBackend;
-                let $dev = Default::default();
-                $body
-            }
-            $crate::engine::DeviceKind::Gpu => $crate::gpu_unavailable_or!($opts, |$B, $dev| $body),
-        }
-    }};
-}
-
-#[cfg(feature = "cuda")]
-#[macro_export]
-#[doc(hidden)]
-macro_rules! gpu_unavailable_or {
-    ($opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
-        type $B = $crate::engine::CudaBackend;
-        let $dev = $crate::burn::backend::cuda::CudaDevice::new($opts.local_device);
-        $body
-    }};
-}
-
-#[cfg(not(feature = "cuda"))]
-#[macro_export]
-#[doc(hidden)]
-macro_rules! gpu_unavailable_or {
-    ($opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
-        let _ = &$opts;
-        Err(anyhow::anyhow!(
-            "Global.device is gpu, but this kd-launch was built without GPU support: rebuild with \
-             `cargo build --release --features cuda`, or run on the CPU with `-o Global.device=cpu`"
-        ))
-    }};
 }
 
 /// `kd-launch train` on the device `Global.device` names.
@@ -158,8 +123,8 @@ pub fn init_cpu_threads(threads: Option<usize>) {
 /// `kd-launch check`: validate, build the models and losses, and describe them.
 pub fn check(cfg: &Config) -> Result<String> {
     let mut out = vec![];
-    if cfg.global.device == DeviceKind::Gpu && !cfg!(feature = "cuda") {
-        out.push("warning: Global.device is gpu but this build has no GPU support (use -o Global.device=cpu)".to_string());
+    if let Some(missing) = backend::missing_feature(cfg.global.device) {
+        out.push(format!("warning: {missing}"));
     }
     let model = crate::arch::DistillationModel::<CpuBackend>::new(
         &cfg.arch,

@@ -4,7 +4,7 @@
 //! gradient = GEMM then col2im). burn 0.21's generic convolution backward transposes activations
 //! with strided copies and runs a direct transposed convolution; profiles of ResNet training
 //! showed those, not the GEMMs, taking most of the step. Backends without their own version
-//! (CUDA) keep burn's convolution through the trait's default methods.
+//! (CUDA, wgpu) keep burn's convolution through the trait's default methods.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -438,6 +438,10 @@ impl<B: ConvBackend, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
 /// CUDA keeps burn's convolution (the trait's defaults).
 #[cfg(feature = "cuda")]
 impl ConvBackend for burn::backend::Cuda {}
+
+/// So does wgpu.
+#[cfg(feature = "wgpu")]
+impl ConvBackend for burn::backend::Wgpu {}
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@
 //! resolved to a released file ([`import::resolve_released`]), and the by-name view every format
 //! goes through ([`named`]). The models are built by `arch`; this module only fills them.
 
-mod expected_panic;
+pub(crate) mod expected_panic;
 pub mod import;
 pub mod named;
 mod record_file;
