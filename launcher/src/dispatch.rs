@@ -5,7 +5,7 @@ use crate::cli::{Cli, Command, ConfigArgs, DatasetCommand};
 use crate::role::{worker_threads, Device};
 use anyhow::{bail, Result};
 use kd_engine::engine::{self, DeviceKind, InferSource, RunOptions};
-use kd_engine::parallel::Rendezvous;
+use kd_engine::parallel::{Exchange, Rendezvous};
 use kd_engine::Config;
 use std::io::IsTerminal;
 use std::sync::atomic::AtomicBool;
@@ -44,11 +44,12 @@ pub fn run_job(
         Device::FromConfig | Device::Cpu => None,
     };
     let collective = |cfg: &Config| -> Result<Box<dyn kd_engine::parallel::Collective>> {
-        // CUDA workers all-reduce over NCCL; wgpu workers (and CUDA ones with
-        // KD_GPU_COLLECTIVE=host, e.g. two on one GPU, which NCCL refuses) over the
-        // rendezvous connections.
-        let nccl = cfg.global.device == DeviceKind::Gpu && !host_collective_asked();
-        kd_engine::parallel::connect(&rendezvous, nccl, local_device.unwrap_or(0))
+        let exchange = if cfg.global.device == DeviceKind::Gpu {
+            gpu_exchange()?
+        } else {
+            Exchange::Host
+        };
+        kd_engine::parallel::connect(&rendezvous, exchange, local_device.unwrap_or(0))
     };
     let single = rendezvous == Rendezvous::Single;
     if !single {
@@ -189,6 +190,18 @@ pub fn run_job(
 /// `KD_GPU_COLLECTIVE=host`: CUDA workers exchange gradients over the host collectives.
 pub fn host_collective_asked() -> bool {
     std::env::var("KD_GPU_COLLECTIVE").as_deref() == Ok("host")
+}
+
+/// How CUDA workers exchange gradients: NCCL in device memory; `KD_GPU_COLLECTIVE=host`: over
+/// the rendezvous connections (workers sharing a GPU, which NCCL refuses);
+/// `KD_GPU_COLLECTIVE=nccl`: NCCL even for one worker (to check its path on one GPU).
+fn gpu_exchange() -> Result<Exchange> {
+    match std::env::var("KD_GPU_COLLECTIVE").as_deref() {
+        Err(_) | Ok("") => Ok(Exchange::Nccl),
+        Ok("host") => Ok(Exchange::Host),
+        Ok("nccl") => Ok(Exchange::NcclAlways),
+        Ok(other) => bail!("KD_GPU_COLLECTIVE={other:?}: expected host or nccl"),
+    }
 }
 
 fn rendezvous_kind(rv: &Rendezvous) -> &'static str {

@@ -13,10 +13,13 @@
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod flat;
 pub mod replicas;
 pub mod tcp;
 
 use anyhow::Result;
+use std::any::Any;
+use std::ops::Range;
 use std::time::Duration;
 
 /// Rank, world size and the collective operations training needs, on flat `f32` buffers.
@@ -39,6 +42,23 @@ pub trait Collective: Send {
     /// [`Collective::broadcast`] of raw bytes (e.g. an NCCL unique id).
     fn broadcast_bytes(&mut self, buf: &mut [u8], root: usize) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
+    /// Whether [`Collective::all_reduce_sum_on_device`] reaches `flat`'s memory: a `Tensor<B, 1>`
+    /// of f32 of the caller's backend, passed as `Any` because only the collective knows which
+    /// backends' memory it reaches (NCCL: burn-cuda's). If not, the caller goes through the
+    /// host ([`Collective::all_reduce_sum`]).
+    fn can_reduce_on_device(&self, _flat: &dyn Any) -> bool {
+        false
+    }
+    /// Sums `flat` across ranks in place, where it lies in device memory, one call per range of
+    /// `buckets`; only for a `flat` that [`Collective::can_reduce_on_device`] accepted.
+    fn all_reduce_sum_on_device(&mut self, _flat: &dyn Any, _buckets: &[Range<usize>]) -> Result<()> {
+        anyhow::bail!("{}: no device-memory all-reduce", self.kind())
+    }
+    /// Whether gradients go through this collective even when it has one rank: NCCL asked for
+    /// by `KD_GPU_COLLECTIVE=nccl` on one GPU, to run its path where there is one GPU.
+    fn reduces_alone(&self) -> bool {
+        false
+    }
     fn is_main(&self) -> bool {
         self.rank() == 0
     }
@@ -99,10 +119,24 @@ pub enum Rendezvous {
     Mpi,
 }
 
-/// Joins the group `rv` describes. With `gpu`, gradients go over NCCL (feature `cuda`) on
-/// device `local_device`, bootstrapped by the TCP or MPI group.
-pub fn connect(rv: &Rendezvous, gpu: bool, local_device: usize) -> Result<Box<dyn Collective>> {
+/// How a worker's gradients travel between workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exchange {
+    /// Over the group's own connections (TCP or MPI, through host memory): CPU and wgpu
+    /// workers, and CUDA ones with `KD_GPU_COLLECTIVE=host` (e.g. two on one GPU, which NCCL
+    /// refuses).
+    Host,
+    /// NCCL in device memory whenever there are other workers: CUDA workers' default.
+    Nccl,
+    /// NCCL even for a worker alone (`KD_GPU_COLLECTIVE=nccl`): its path run on one GPU.
+    NcclAlways,
+}
+
+/// Joins the group `rv` describes. With NCCL (feature `cuda`), on device `local_device`,
+/// bootstrapped by the TCP or MPI group.
+pub fn connect(rv: &Rendezvous, exchange: Exchange, local_device: usize) -> Result<Box<dyn Collective>> {
     let base: Box<dyn Collective> = match rv {
+        Rendezvous::Single if exchange == Exchange::NcclAlways => Box::new(SingleProcess),
         Rendezvous::Single => return Ok(Box::new(SingleProcess)),
         Rendezvous::Tcp {
             addr,
@@ -112,10 +146,10 @@ pub fn connect(rv: &Rendezvous, gpu: bool, local_device: usize) -> Result<Box<dy
         } => Box::new(tcp::TcpCollective::connect(addr, *rank, *world, *timeout)?),
         Rendezvous::Mpi => mpi_collective()?,
     };
-    if !gpu {
-        return Ok(base);
+    match exchange {
+        Exchange::Host => Ok(base),
+        Exchange::Nccl | Exchange::NcclAlways => nccl_collective(base, local_device),
     }
-    nccl_collective(base, local_device)
 }
 
 #[cfg(feature = "mpi")]

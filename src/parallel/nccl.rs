@@ -1,12 +1,22 @@
 //! Collectives over NCCL (cudarc's `nccl` module) for GPU workers. Rank 0 creates the NCCL
 //! unique id and the bootstrap group (the launcher's TCP rendezvous, or MPI) hands it to the
-//! others. The engine hands over host buffers (gradients copied off the device), so each call
-//! stages through one device buffer: host → device, in-place all-reduce, device → host.
+//! others.
+//!
+//! Gradients are reduced where burn-cuda keeps them: [`Collective::all_reduce_sum_on_device`]
+//! takes the flat gradient tensor of [`super::replicas::all_reduce_grads`], finds its device
+//! address through burn-cuda's compute client, and runs NCCL in place on it, one call per
+//! bucket. Host buffers (the start-up broadcast, BatchNorm statistics, a few flags per step)
+//! stage through one device buffer: host → device, in-place collective, device → host.
 
 use super::Collective;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
+use burn::backend::Cuda;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use std::any::Any;
+use std::ops::Range;
 use std::sync::Arc;
 
 pub struct NcclCollective {
@@ -102,5 +112,54 @@ impl Collective for NcclCollective {
     }
     fn kind(&self) -> &'static str {
         "nccl"
+    }
+    fn reduces_alone(&self) -> bool {
+        true
+    }
+    fn can_reduce_on_device(&self, flat: &dyn Any) -> bool {
+        flat.is::<Tensor<Cuda, 1>>()
+    }
+    fn all_reduce_sum_on_device(&mut self, flat: &dyn Any, buckets: &[Range<usize>]) -> Result<()> {
+        let flat = flat
+            .downcast_ref::<Tensor<Cuda, 1>>()
+            .context("NCCL reduces burn-cuda tensors only")?;
+        let len = flat.dims()[0];
+        ensure!(
+            buckets.last().is_none_or(|b| b.end <= len),
+            "buckets beyond the {len} floats of the gradient buffer"
+        );
+        let tensor = flat.clone().into_primitive().tensor();
+        ensure!(
+            tensor.dtype == DType::F32 && tensor.is_contiguous(),
+            "the gradient buffer is not contiguous f32 ({:?})",
+            tensor.dtype
+        );
+        // burn-cuda runs kernels on its own streams: the ones writing the buffer must be done
+        // before NCCL's stream reads it.
+        Cuda::sync(&tensor.device).map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        // Holding the resource keeps the allocation alive; its address includes the tensor's
+        // offset into burn-cuda's memory pool.
+        let resource = tensor
+            .client
+            .get_resource(tensor.handle.clone())
+            .map_err(|e| anyhow!("CUDA: the gradient buffer's memory: {e:?}"))?;
+        let address = resource.resource().ptr;
+        // SAFETY: `address` is the start of `len` f32 of device memory on this GPU, allocated by
+        // burn-cuda for `flat` and kept alive by `resource` until after the stream below is
+        // synchronised; burn-cuda has no work in flight on it (synchronised above). The slice
+        // is leaked, not dropped, so that cudarc never frees memory burn-cuda owns.
+        let mut view: CudaSlice<f32> = unsafe { self.stream.upgrade_device_ptr(address, len) };
+        let reduced = buckets.iter().try_for_each(|bucket| {
+            self.comm
+                .all_reduce_in_place(&mut view.slice_mut(bucket.clone()), &ReduceOp::Sum)
+                .map(drop)
+                .map_err(nccl_err)
+        });
+        let synced = self.stream.synchronize();
+        view.leak();
+        drop(resource);
+        reduced?;
+        synced?;
+        Ok(())
     }
 }

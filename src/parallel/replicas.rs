@@ -15,8 +15,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use std::time::{Duration, Instant};
 
-/// Floats per all-reduce call (25 MB, PyTorch DDP's default bucket size).
-pub const BUCKET_FLOATS: usize = (25 << 20) / 4;
+pub use super::flat::BUCKET_FLOATS;
+use super::flat::FlatLayout;
 
 /// Where the time of one synchronisation went.
 #[derive(Clone, Copy, Debug, Default)]
@@ -45,24 +45,22 @@ fn host_floats<B: Backend, const D: usize>(t: Tensor<B, D>, out: &mut Vec<f32>) 
     out.extend_from_slice(data.as_slice::<f32>().expect("converted to f32"));
 }
 
-/// Gradients of a module's parameters, taken out of `grads` in visiting order.
+/// Gradients of a module's parameters, taken out of `grads` in visiting order, flattened
+/// (a reshape: no copy).
 struct TakeGrads<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
-    flat: Vec<f32>,
-    taken: Vec<(ParamId, Vec<usize>)>,
-    device: Option<B::Device>,
+    taken: Vec<(ParamId, Vec<usize>, Tensor<B::InnerBackend, 1>)>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for TakeGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.device.get_or_insert_with(|| g.device());
-            self.taken.push((param.id, g.dims().to_vec()));
-            host_floats(g, &mut self.flat);
+            let dims = g.dims().to_vec();
+            let len: usize = dims.iter().product();
+            self.taken.push((param.id, dims, g.reshape([len])));
         }
     }
 }
-
 /// The gradients in `grads` of one module's parameters, flattened (clones share the storage).
 struct PeekGrads<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
@@ -79,8 +77,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for PeekGrads<'_, B> {
 }
 
 /// Whether a gradient in `grads` of `module`'s parameters holds a NaN or an infinity, checked
-/// where the gradients are (one sum per tensor, read back together; a tensor whose sum is not
-/// finite is confirmed value by value, since finite values may overflow a sum).
+/// where the gradients are ([`device_tensors_hold_non_finite`]).
 pub fn grads_hold_non_finite<B: AutodiffBackend, M: Module<B>>(
     module: &M,
     grads: &GradientsParams,
@@ -90,23 +87,30 @@ pub fn grads_hold_non_finite<B: AutodiffBackend, M: Module<B>>(
         flat: vec![],
     };
     module.visit(&mut peek);
-    if peek.flat.is_empty() {
+    device_tensors_hold_non_finite(peek.flat)
+}
+
+/// Whether one of `tensors` holds a NaN or an infinity, checked on their device: one sum per
+/// tensor, read back together; a tensor whose sum is not finite is confirmed value by value,
+/// since finite values may overflow a sum.
+fn device_tensors_hold_non_finite<B: Backend>(tensors: Vec<Tensor<B, 1>>) -> bool {
+    if tensors.is_empty() {
         return false;
     }
-    let sums: Vec<Tensor<B::InnerBackend, 1>> = peek.flat.iter().map(|g| g.clone().sum()).collect();
+    let sums: Vec<Tensor<B, 1>> = tensors.iter().map(|g| g.clone().sum()).collect();
     let sums: Vec<f32> = Tensor::cat(sums, 0)
         .into_data()
         .convert::<f32>()
         .to_vec()
         .expect("f32 data");
-    sums.iter().zip(peek.flat).any(|(s, g)| {
+    sums.iter().zip(tensors).any(|(s, g)| {
         !s.is_finite()
-            && g.into_data()
-                .convert::<f32>()
-                .as_slice::<f32>()
-                .expect("f32 data")
-                .iter()
-                .any(|v| !v.is_finite())
+            && holds_non_finite(
+                g.into_data()
+                    .convert::<f32>()
+                    .as_slice::<f32>()
+                    .expect("f32 data"),
+            )
     })
 }
 
@@ -119,18 +123,23 @@ fn holds_non_finite(values: &[f32]) -> bool {
         .any(|c| c.iter().map(|v| v.to_bits() & 0x7fff_ffff).max() >= Some(INFINITY_BITS))
 }
 
-/// All-reduces the gradients in `grads` (mean over ranks) and `extra` (sum; e.g. stop flags),
-/// in one pass over [`BUCKET_FLOATS`]-sized buckets.
+/// All-reduces the gradients in `grads` (mean over ranks) and `extra` (sum; e.g. stop flags).
+///
+/// The gradients are laid back to back in one flat tensor on their device ([`FlatLayout`]; one
+/// device copy), reduced in [`BUCKET_FLOATS`]-sized buckets, scaled by `1 / world` there, and
+/// handed back as views of it. Where the collective reaches device memory (NCCL with burn-cuda)
+/// the buffer is reduced in place and `extra` travels alone through the host (a few floats);
+/// elsewhere the buffer is read back once, reduced on the host with `extra` appended, and
+/// uploaded once.
 ///
 /// With `non_finite_slot`, `extra[slot]` is set to 1 before the reduce when this rank's own
 /// gradients hold a NaN or an infinity, so every rank learns which ranks' did: a finite loss can
 /// still have non-finite gradients (a square root or a norm at 0), and a mean with one
-/// infinity poisons every replica's weights. Between ranks the check is one pass over the host
-/// buffer the reduce needs anyway; a single process has no such buffer and checks on the device
-/// ([`grads_hold_non_finite`]: one sum per gradient tensor, one read-back). Measured on the CPU
-/// with ResNet50's 25.6M gradients: 15–20 ms on the host (beside the 120 ms copy into the
-/// buffer), 10 ms on the device, against 2 s for the forward and backward pass of 8 images at
-/// 112×112: under 1 % of a step.
+/// infinity poisons every replica's weights. Through the host the check is one pass over the
+/// buffer read back anyway; on the device it is [`device_tensors_hold_non_finite`] (one sum, one
+/// read-back of a float). Measured on the CPU with ResNet50's 25.6M gradients: 15–20 ms on the
+/// host (beside the 120 ms copy into the buffer), 10 ms on the device, against 2 s for the
+/// forward and backward pass of 8 images at 112×112: under 1 % of a step.
 pub fn all_reduce_grads<B: AutodiffBackend, M: Module<B>>(
     module: &M,
     grads: &mut GradientsParams,
@@ -139,7 +148,7 @@ pub fn all_reduce_grads<B: AutodiffBackend, M: Module<B>>(
     coll: &mut dyn Collective,
 ) -> Result<SyncCost> {
     let world = coll.world_size();
-    if world == 1 {
+    if world == 1 && !coll.reduces_alone() {
         if let Some(slot) = non_finite_slot {
             extra[slot] = grads_hold_non_finite(module, grads) as u8 as f32;
         }
@@ -148,61 +157,80 @@ pub fn all_reduce_grads<B: AutodiffBackend, M: Module<B>>(
     let t0 = Instant::now();
     let mut take = TakeGrads::<B> {
         grads,
-        flat: vec![],
         taken: vec![],
-        device: None,
     };
     module.visit(&mut take);
-    let TakeGrads {
-        grads,
-        mut flat,
-        taken,
-        device,
-    } = take;
-    let n_grads = flat.len();
-    if let Some(slot) = non_finite_slot {
-        extra[slot] = holds_non_finite(&flat) as u8 as f32;
-    }
-    flat.extend_from_slice(extra);
-    let t1 = Instant::now();
-    in_buckets(&mut flat, coll, |c, b| c.all_reduce_sum(b))?;
-    let t2 = Instant::now();
-    let scale = 1.0 / world as f32;
-    let mut offset = 0;
-    if let Some(device) = device {
-        for (id, shape) in taken {
-            let len: usize = shape.iter().product();
-            let mean: Vec<f32> = flat[offset..offset + len]
-                .iter()
-                .map(|v| v * scale)
-                .collect();
-            offset += len;
-            register::<B::InnerBackend>(grads, id, mean, shape, &device);
+    let TakeGrads { grads, taken } = take;
+    let layout = FlatLayout::new(taken.iter().map(|(_, _, g)| g.dims()[0]));
+    let Some(device) = taken.first().map(|(_, _, g)| g.device()) else {
+        // Nothing trainable here: only `extra` travels.
+        if let Some(slot) = non_finite_slot {
+            extra[slot] = 0.0;
         }
+        coll.all_reduce_sum(extra)?;
+        return Ok(SyncCost {
+            reduce: t0.elapsed(),
+            floats: extra.len(),
+            ..SyncCost::default()
+        });
+    };
+    let flat = Tensor::cat(taken.iter().map(|(_, _, g)| g.clone()).collect(), 0);
+    let (reduced, t1, t2) = if coll.can_reduce_on_device(&flat) {
+        if let Some(slot) = non_finite_slot {
+            extra[slot] = device_tensors_hold_non_finite(vec![flat.clone()]) as u8 as f32;
+        }
+        let t1 = Instant::now();
+        coll.all_reduce_sum_on_device(&flat, &layout.buckets(BUCKET_FLOATS))?;
+        coll.all_reduce_sum(extra)?;
+        (flat, t1, Instant::now())
+    } else {
+        let mut host: Vec<f32> = flat
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 data");
+        if let Some(slot) = non_finite_slot {
+            extra[slot] = holds_non_finite(&host) as u8 as f32;
+        }
+        host.extend_from_slice(extra);
+        let t1 = Instant::now();
+        in_buckets(&mut host, coll, |c, b| c.all_reduce_sum(b))?;
+        let t2 = Instant::now();
+        extra.copy_from_slice(&host[layout.len()..]);
+        host.truncate(layout.len());
+        let reduced = Tensor::from_data(TensorData::new(host, [layout.len()]), &device);
+        (reduced, t1, t2)
+    };
+    let mean = if world > 1 {
+        reduced.mul_scalar(1.0 / world as f32)
+    } else {
+        reduced
+    };
+    for ((id, dims, _), range) in taken.into_iter().zip(&layout.ranges) {
+        register::<B::InnerBackend>(grads, id, mean.clone().slice([range.clone()]), dims);
     }
-    extra.copy_from_slice(&flat[n_grads..]);
     Ok(SyncCost {
         copy: (t1 - t0) + t2.elapsed(),
         reduce: t2 - t1,
-        floats: flat.len(),
+        floats: layout.len() + extra.len(),
     })
 }
 
-/// Registers a gradient of rank `shape.len()` (burn's tensors carry their rank in the type).
+/// Registers `flat` as the gradient of shape `dims` (burn's tensors carry their rank in the
+/// type).
 fn register<B: Backend>(
     grads: &mut GradientsParams,
     id: ParamId,
-    values: Vec<f32>,
-    shape: Vec<usize>,
-    device: &B::Device,
+    flat: Tensor<B, 1>,
+    dims: Vec<usize>,
 ) {
     macro_rules! reg {
         ($($d:literal)*) => {
-            match shape.len() {
-                $($d => grads.register::<B, $d>(
-                    id,
-                    Tensor::from_data(TensorData::new(values, shape), device),
-                ),)*
+            match dims.len() {
+                $($d => {
+                    let shape: [usize; $d] = dims.try_into().expect("rank checked");
+                    grads.register::<B, $d>(id, flat.reshape(shape))
+                })*
                 d => panic!("gradient of rank {d}: not supported"),
             }
         };
@@ -515,6 +543,65 @@ mod tests {
             assert_eq!(o.2, 3.0);
         }
         assert_ne!(out[0].0, out[1].0, "the ranks' own gradients differ");
+    }
+
+    /// The gradients in `grads` of `module`'s parameters, in visiting order, with their shapes.
+    struct ReadGrads<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<(Vec<usize>, Vec<f32>)>,
+    }
+
+    impl ModuleVisitor<Ad> for ReadGrads<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Ad, D>>) {
+            if let Some(g) = self.grads.get::<Flex, D>(param.id) {
+                self.out.push((g.dims().to_vec(), floats(g)));
+            }
+        }
+    }
+
+    fn read_grads(
+        module: &impl Module<Ad>,
+        grads: &GradientsParams,
+    ) -> Vec<(Vec<usize>, Vec<f32>)> {
+        let mut read = ReadGrads { grads, out: vec![] };
+        module.visit(&mut read);
+        read.out
+    }
+
+    /// A convolution's 4-D weight and BatchNorm's 1-D ones go through the flat buffer and come
+    /// back as the mean of the ranks' own gradients, each in its own shape.
+    #[test]
+    fn gradients_of_every_shape_come_back_averaged_in_their_shapes() {
+        use crate::nn::layers::ConvBn;
+        use crate::nn::layers::Act;
+        let out = on_two_ranks(|mut c| {
+            let dev = Default::default();
+            let block = ConvBn::<Ad>::new(2, 3, 3, 1, Act::Relu, &dev);
+            let x = Tensor::<Ad, 4>::random(
+                [2, 2, 5, 5],
+                burn::tensor::Distribution::Normal(c.rank() as f64, 1.0),
+                &dev,
+            );
+            let loss = block.forward(x, BnMode::Train).powi_scalar(2).sum();
+            let mut grads = GradientsParams::from_grads(loss.backward(), &block);
+            let own = read_grads(&block, &grads);
+            all_reduce_grads(&block, &mut grads, &mut [], None, &mut c).unwrap();
+            (own, read_grads(&block, &grads))
+        });
+        let (own0, own1) = (&out[0].0, &out[1].0);
+        assert_eq!(
+            own0.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+            vec![vec![3, 2, 3, 3], vec![3], vec![3]],
+            "conv weight, BatchNorm weight and bias"
+        );
+        for (_, reduced) in &out {
+            assert_eq!(reduced.len(), own0.len());
+            for (((dims, got), (d0, g0)), (_, g1)) in reduced.iter().zip(own0).zip(own1) {
+                assert_eq!(dims, d0);
+                let mean: Vec<f32> = g0.iter().zip(g1).map(|(a, b)| (a + b) / 2.0).collect();
+                assert_eq!(got, &mean);
+            }
+        }
     }
 
     #[test]
