@@ -97,6 +97,23 @@ pub enum DatasetCommand {
         #[arg(long, default_value_t = 10000)]
         val_count: usize,
     },
+    /// A generated dataset (stripes, one angle and colour per class) as JPEGs + list files, for
+    /// benchmarks and device checks without downloads.
+    Synthetic {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        train_count: usize,
+        #[arg(long, default_value_t = 256)]
+        val_count: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 256)]
+        size: u32,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// SSLD training list: a labelled list plus every image under --unlabeled with label 0.
     SsldList {
         /// The labelled list file (`<path> <label>` lines).

@@ -170,6 +170,31 @@ pub fn run_job(
         }
         Command::Dataset {
             which:
+                DatasetCommand::Synthetic {
+                    out,
+                    train_count,
+                    val_count,
+                    size,
+                    classes,
+                    seed,
+                },
+        } => {
+            engine::init_cpu_threads(threads);
+            let spec = kd_engine::data::synthetic::SyntheticSpec {
+                train_count: *train_count,
+                val_count: *val_count,
+                size: *size,
+                classes: *classes,
+                seed: *seed,
+            };
+            let (t, v) = kd_engine::data::synthetic::generate(out, &spec)?;
+            println!(
+                "wrote {t} training and {v} validation {size}x{size} images with list files to {}",
+                out.display()
+            );
+        }
+        Command::Dataset {
+            which:
                 DatasetCommand::SsldList {
                     list,
                     unlabeled,

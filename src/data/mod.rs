@@ -6,6 +6,7 @@ pub mod fashion_mnist;
 pub mod loader;
 pub mod sampler;
 pub mod ssld;
+pub mod synthetic;
 pub mod transforms;
 
 pub use config::{DatasetConfig, InferConfig, LoaderSection, SamplerConfig};

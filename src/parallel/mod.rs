@@ -9,11 +9,11 @@
 //! nodes) and `nccl::NcclCollective` (feature `cuda`: GPU workers; its unique id travels over
 //! one of the others).
 
+pub mod flat;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-pub mod flat;
 pub mod replicas;
 pub mod tcp;
 
@@ -51,7 +51,11 @@ pub trait Collective: Send {
     }
     /// Sums `flat` across ranks in place, where it lies in device memory, one call per range of
     /// `buckets`; only for a `flat` that [`Collective::can_reduce_on_device`] accepted.
-    fn all_reduce_sum_on_device(&mut self, _flat: &dyn Any, _buckets: &[Range<usize>]) -> Result<()> {
+    fn all_reduce_sum_on_device(
+        &mut self,
+        _flat: &dyn Any,
+        _buckets: &[Range<usize>],
+    ) -> Result<()> {
         anyhow::bail!("{}: no device-memory all-reduce", self.kind())
     }
     /// Whether gradients go through this collective even when it has one rank: NCCL asked for
@@ -134,7 +138,11 @@ pub enum Exchange {
 
 /// Joins the group `rv` describes. With NCCL (feature `cuda`), on device `local_device`,
 /// bootstrapped by the TCP or MPI group.
-pub fn connect(rv: &Rendezvous, exchange: Exchange, local_device: usize) -> Result<Box<dyn Collective>> {
+pub fn connect(
+    rv: &Rendezvous,
+    exchange: Exchange,
+    local_device: usize,
+) -> Result<Box<dyn Collective>> {
     let base: Box<dyn Collective> = match rv {
         Rendezvous::Single if exchange == Exchange::NcclAlways => Box::new(SingleProcess),
         Rendezvous::Single => return Ok(Box::new(SingleProcess)),

@@ -136,7 +136,7 @@ impl Collective for NcclCollective {
         );
         // burn-cuda runs kernels on its own streams: the ones writing the buffer must be done
         // before NCCL's stream reads it.
-        Cuda::sync(&tensor.device).map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        <Cuda as Backend>::sync(&tensor.device).map_err(|e| anyhow!("CUDA: {e:?}"))?;
         // Holding the resource keeps the allocation alive; its address includes the tensor's
         // offset into burn-cuda's memory pool.
         let resource = tensor

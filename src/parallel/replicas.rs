@@ -15,8 +15,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use std::time::{Duration, Instant};
 
-pub use super::flat::BUCKET_FLOATS;
 use super::flat::FlatLayout;
+pub use super::flat::BUCKET_FLOATS;
 
 /// Where the time of one synchronisation went.
 #[derive(Clone, Copy, Debug, Default)]
@@ -572,8 +572,8 @@ mod tests {
     /// back as the mean of the ranks' own gradients, each in its own shape.
     #[test]
     fn gradients_of_every_shape_come_back_averaged_in_their_shapes() {
-        use crate::nn::layers::ConvBn;
         use crate::nn::layers::Act;
+        use crate::nn::layers::ConvBn;
         let out = on_two_ranks(|mut c| {
             let dev = Default::default();
             let block = ConvBn::<Ad>::new(2, 3, 3, 1, Act::Relu, &dev);
