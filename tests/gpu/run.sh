@@ -36,6 +36,14 @@ if [ "$device" = gpu ] && ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2; then
 fi
 
 rows=()
+# Every command's timeout is what is left of BUDGET seconds (default 570: the check fits in ten
+# minutes); a row that would start with under 20 s left is skipped and says so.
+budget=${BUDGET:-570}
+left() { echo $((budget - SECONDS)); }
+skip_if_late() {
+  if [ "$(left)" -lt 20 ]; then row "$1" skipped "" "time budget of $budget s spent"; return 0; fi
+  return 1
+}
 sep=$'\x1f'
 row() { rows+=("$1$sep$2$sep$3$sep$4"); }  # name, result, figure, detail
 
@@ -99,7 +107,8 @@ head -n 64 "$data/qs_val.txt" | while read -r rel _; do cp "dataset/fashion-mnis
 # 1. Quickstart KD on one GPU.
 log "1. quickstart KD, one $device worker"
 t0=$SECONDS
-if timeout 300 "$bin" --gpus "$gpu" train "${quick[@]}" -o Global.output_dir="$work/one" > "$work/one.log" 2>&1; then
+if skip_if_late "quickstart KD, 1 worker"; then :
+elif timeout "$(left)" "$bin" --gpus "$gpu" train "${quick[@]}" -o Global.output_dir="$work/one" > "$work/one.log" 2>&1; then
   row "quickstart KD, 1 worker" PASS "$(steady_ips "$work/one.log") img/s" "$((SECONDS - t0)) s, $qs_train images"
 else
   row "quickstart KD, 1 worker" FAIL "" "$(tail -1 "$work/one.log")"
@@ -108,7 +117,8 @@ fi
 # 2. ResNet34 → ResNet18 at 224².
 log "2. ResNet34 -> ResNet18 KD at ${crop}x${crop}"
 t0=$SECONDS
-if timeout 300 "$bin" --gpus "$gpu" train "${syn[@]}" > "$work/r34.log" 2>&1; then
+if skip_if_late "ResNet34->ResNet18 KD ${crop}²"; then :
+elif timeout "$(left)" "$bin" --gpus "$gpu" train "${syn[@]}" > "$work/r34.log" 2>&1; then
   ips=$(steady_ips "$work/r34.log")
   peak=$(peak_tflops)
   # Per image: ResNet34 forward 7.3 GFLOP (3.6 GMAC) + ResNet18 forward and backward
@@ -128,30 +138,35 @@ ckpt=$work/r34/DistillationModel/latest
 
 # 3–5. Eval, export, infer parity from the GPU checkpoint.
 log "3. eval"
-if out=$(timeout 120 "$bin" --gpus "$gpu" eval "${syn[@]}" -o Global.pretrained_model="$ckpt" 2> "$work/eval.err"); then
+if skip_if_late "eval of the GPU checkpoint"; then :
+elif out=$(timeout "$(left)" "$bin" --gpus "$gpu" eval "${syn[@]}" -o Global.pretrained_model="$ckpt" 2> "$work/eval.err"); then
   row "eval of the GPU checkpoint" PASS "" "$(echo "$out" | grep '^eval:' | cut -c1-70)"
 else
   row "eval of the GPU checkpoint" FAIL "" "$(tail -1 "$work/eval.err")"
 fi
 log "4. export"
-if timeout 120 "$bin" export "${syn[@]}" -o Global.pretrained_model="$ckpt" > "$work/export.log" 2>&1; then
+if skip_if_late "export of the GPU checkpoint"; then :
+elif timeout "$(left)" "$bin" export "${syn[@]}" -o Global.pretrained_model="$ckpt" > "$work/export.log" 2>&1; then
   row "export of the GPU checkpoint" PASS "" "$(grep -o 'exported.*' "$work/export.log")"
 else
   row "export of the GPU checkpoint" FAIL "" "$(tail -1 "$work/export.log")"
 fi
 log "5. infer parity"
-timeout 120 "$bin" --gpus "$gpu" infer "${syn[@]}" -o Global.pretrained_model="$ckpt" --logits > "$work/infer_dev.jsonl" 2> "$work/infer_dev.err"
-timeout 120 "$bin" infer --model "$work/r34/inference" --images "$data/syn/val" --logits > "$work/infer_cpu.jsonl" 2> "$work/infer_cpu.err"
+if ! skip_if_late "infer $device vs CPU export"; then
+timeout "$(left)" "$bin" --gpus "$gpu" infer "${syn[@]}" -o Global.pretrained_model="$ckpt" --logits > "$work/infer_dev.jsonl" 2> "$work/infer_dev.err"
+timeout "$(left)" "$bin" infer --model "$work/r34/inference" --images "$data/syn/val" --logits > "$work/infer_cpu.jsonl" 2> "$work/infer_cpu.err"
 d=$(max_logit_diff "$work/infer_dev.jsonl" "$work/infer_cpu.jsonl" 2>/dev/null || echo "n/a")
 if within "$d" 1e-3; then row "infer $device vs CPU export" PASS "max Δlogit $d" "$syn_val images"
 else row "infer $device vs CPU export" FAIL "max Δlogit $d" "limit 1e-3; see $work/infer_*.err"; fi
+fi
 
 # 6. NCCL, world size 1, through the launcher.
 if [ "$device" = gpu ]; then
   log "6. NCCL world size 1"
-  if KD_GPU_COLLECTIVE=nccl timeout 300 "$bin" --gpus "$gpu" train "${quick[@]}" -o Global.output_dir="$work/nccl1" > "$work/nccl1.log" 2>&1; then
+  if skip_if_late "NCCL world 1 (device all-reduce)"; then :
+  elif KD_GPU_COLLECTIVE=nccl timeout "$(left)" "$bin" --gpus "$gpu" train "${quick[@]}" -o Global.output_dir="$work/nccl1" > "$work/nccl1.log" 2>&1; then
     for run in one nccl1; do
-      timeout 120 "$bin" infer "${quick[@]}" -o Global.pretrained_model="$work/$run/DistillationModel/latest" \
+      timeout "$(left)" "$bin" infer "${quick[@]}" -o Global.pretrained_model="$work/$run/DistillationModel/latest" \
         --images "$qs_val_imgs" --logits > "$work/$run.infer.jsonl" 2>/dev/null
     done
     d=$(max_logit_diff "$work/one.infer.jsonl" "$work/nccl1.infer.jsonl" 2>/dev/null || echo "n/a")
@@ -165,7 +180,8 @@ fi
 
 # 7. Two workers on one GPU, gradients over the host.
 log "7. two workers on one $device, host collectives"
-if KD_GPU_COLLECTIVE=host timeout 300 "$bin" --gpus "$gpu,$gpu" train "${quick[@]}" -o Global.output_dir="$work/two" > "$work/two.log" 2>&1; then
+if skip_if_late "2 workers on 1 $device (host)"; then :
+elif KD_GPU_COLLECTIVE=host timeout "$(left)" "$bin" --gpus "$gpu,$gpu" train "${quick[@]}" -o Global.output_dir="$work/two" > "$work/two.log" 2>&1; then
   cost=$(grep -o "batch_cost: [0-9.]*s, reader_cost: [0-9.]*s, allreduce_cost: [0-9.]*s" "$work/two/workerlog.0" | tail -1)
   row "2 workers on 1 $device (host)" PASS "$(steady_ips "$work/two/workerlog.0") img/s/worker" "$cost"
 else
@@ -177,7 +193,8 @@ ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [ "$device" = gpu ] && [ "$ngpu" -ge 2 ]; then
   other=$([ "$gpu" = 0 ] && echo 1 || echo 0)
   log "8. two GPUs over NCCL"
-  if timeout 300 "$bin" --gpus "$gpu,$other" train "${quick[@]}" -o Global.output_dir="$work/nccl2" > "$work/nccl2.log" 2>&1 \
+  if skip_if_late "2 GPUs over NCCL"; then :
+  elif timeout "$(left)" "$bin" --gpus "$gpu,$other" train "${quick[@]}" -o Global.output_dir="$work/nccl2" > "$work/nccl2.log" 2>&1 \
      && grep -q "(nccl collectives)\|nccl" "$work/nccl2/workerlog.1"; then
     row "2 GPUs over NCCL" PASS "$(steady_ips "$work/nccl2/workerlog.0") img/s/worker" ""
   else
@@ -197,5 +214,5 @@ for r in "${rows[@]}"; do
   printf '| %-34s | %-7s | %-28s | %s\n' "$name" "$result" "$figure" "$detail"
   [ "$result" = FAIL ] && fail=1
 done
-echo "logs: $work"
+echo "logs: $work; $SECONDS s"
 exit $fail
