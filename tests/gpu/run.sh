@@ -166,7 +166,7 @@ if [ "$device" = gpu ]; then
   if skip_if_late "NCCL world 1 (device all-reduce)"; then :
   elif KD_GPU_COLLECTIVE=nccl timeout "$(left)" "$bin" --gpus "$gpu" train "${quick[@]}" -o Global.output_dir="$work/nccl1" > "$work/nccl1.log" 2>&1; then
     for run in one nccl1; do
-      timeout "$(left)" "$bin" infer "${quick[@]}" -o Global.pretrained_model="$work/$run/DistillationModel/latest" \
+      timeout "$(left)" "$bin" --gpus "$gpu" infer "${quick[@]}" -o Global.pretrained_model="$work/$run/DistillationModel/latest" \
         --images "$qs_val_imgs" --logits > "$work/$run.infer.jsonl" 2>/dev/null
     done
     d=$(max_logit_diff "$work/one.infer.jsonl" "$work/nccl1.infer.jsonl" 2>/dev/null || echo "n/a")
