@@ -178,7 +178,7 @@ fn a_missing_or_unknown_adapter_is_a_clear_error() {
     );
     let err = attempt(&["--gpus", "7", "train", "-c", &cfg], &[]);
     assert!(
-        err.contains("--gpus 7: there are") && err.contains("adapters"),
+        err.contains("--gpus 7: wgpu lists") && err.contains("adapter(s) here, ids 0 to"),
         "{err}"
     );
     assert!(!out.join("DistillationModel").exists(), "nothing written");

@@ -170,10 +170,15 @@ mod wgpu_adapters {
                 device_of(&types, i)
             }
             Some(i) => bail!(
-                "--gpus {i}: there are {} wgpu adapters here (0..{}): {}",
+                "--gpus {i}: wgpu lists {} adapter(s) here, ids 0 to {}: {}",
                 adapters.len(),
                 adapters.len() - 1,
-                adapters.iter().map(describe).collect::<Vec<_>>().join("; ")
+                adapters
+                    .iter()
+                    .enumerate()
+                    .map(|(id, a)| format!("{id}: {}", describe(a)))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         };
         let probe = device.clone();
