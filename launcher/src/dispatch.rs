@@ -212,15 +212,10 @@ pub fn run_job(
     Ok(0)
 }
 
-/// `KD_GPU_COLLECTIVE=host`: CUDA workers exchange gradients over the host collectives.
-pub fn host_collective_asked() -> bool {
-    std::env::var("KD_GPU_COLLECTIVE").as_deref() == Ok("host")
-}
-
 /// How CUDA workers exchange gradients: NCCL in device memory; `KD_GPU_COLLECTIVE=host`: over
 /// the rendezvous connections (workers sharing a GPU, which NCCL refuses);
 /// `KD_GPU_COLLECTIVE=nccl`: NCCL even for one worker (to check its path on one GPU).
-fn gpu_exchange() -> Result<Exchange> {
+pub fn gpu_exchange() -> Result<Exchange> {
     match std::env::var("KD_GPU_COLLECTIVE").as_deref() {
         Err(_) | Ok("") => Ok(Exchange::Nccl),
         Ok("host") => Ok(Exchange::Host),

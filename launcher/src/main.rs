@@ -96,7 +96,7 @@ fn run(cli: &Cli) -> Result<i32> {
                 }
                 if let Some(id) = role::repeated_gpu(&devices) {
                     if cfg.global.device == engine::DeviceKind::Gpu
-                        && !dispatch::host_collective_asked()
+                        && dispatch::gpu_exchange()? != kd_engine::parallel::Exchange::Host
                     {
                         bail!(
                             "--gpus lists GPU {id} twice: NCCL takes one worker per GPU \
