@@ -4,36 +4,15 @@
 
 mod common;
 
-use common::{children_of, kd_config, make_dataset, run, student_weights, write, BIN};
+use common::{
+    children_of, kd_config, make_dataset, max_rel_diff, run, student_weights, write, BIN,
+};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The largest difference of any tensor, relative to that tensor's largest magnitude.
-fn max_rel_diff(
-    a: &BTreeMap<String, Vec<f32>>,
-    b: &BTreeMap<String, Vec<f32>>,
-    filter: impl Fn(&str) -> bool,
-) -> (f32, String) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    let mut worst = (0.0f32, String::new());
-    for (name, x) in a.iter().filter(|(n, _)| filter(n)) {
-        let y = &b[name];
-        let scale = x.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-        let d = x
-            .iter()
-            .zip(y)
-            .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()))
-            / scale;
-        if d > worst.0 {
-            worst = (d, name.clone());
-        }
-    }
-    worst
-}
 
 fn is_running_stat(name: &str) -> bool {
     name.contains("running_")

@@ -13,19 +13,27 @@ pub type WgpuBackend = burn::backend::Autodiff<burn::backend::Wgpu>;
 
 /// Why this build cannot run on `kind`, if it cannot: the feature to rebuild with.
 pub fn missing_feature(kind: DeviceKind) -> Option<String> {
-    let (built, feature) = match kind {
-        DeviceKind::Cpu => return None,
-        DeviceKind::Gpu => (cfg!(feature = "cuda"), "cuda"),
-        DeviceKind::Wgpu => (cfg!(feature = "wgpu"), "wgpu"),
+    let built = match kind {
+        DeviceKind::Cpu => true,
+        DeviceKind::Gpu => cfg!(feature = "cuda"),
+        DeviceKind::Wgpu => cfg!(feature = "wgpu"),
     };
-    (!built).then(|| {
-        format!(
-            "Global.device is {}, but this kd-launch was built without it: rebuild with \
-             `cargo build --release --features {feature}`, or run on the CPU with \
-             `-o Global.device=cpu`",
-            kind.name()
-        )
-    })
+    (!built).then(|| not_built(kind).to_string())
+}
+
+/// The error for a device this build has no backend for.
+pub fn not_built(kind: DeviceKind) -> anyhow::Error {
+    let feature = match kind {
+        DeviceKind::Cpu => "(none)",
+        DeviceKind::Gpu => "cuda",
+        DeviceKind::Wgpu => "wgpu",
+    };
+    anyhow::anyhow!(
+        "Global.device is {}, but this kd-launch was built without it: rebuild with \
+         `cargo build --release --features {feature}`, or run on the CPU with \
+         `-o Global.device=cpu`",
+        kind.name()
+    )
 }
 
 /// Runs `$body` with `$B` bound to the autodiff backend of `Global.device` and `$dev` to its
@@ -62,10 +70,8 @@ macro_rules! cuda_or_error {
 macro_rules! cuda_or_error {
     ($opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
         let _ = &$opts;
-        Err(anyhow::anyhow!(
-            "{}",
-            $crate::engine::backend::missing_feature($crate::engine::DeviceKind::Gpu)
-                .unwrap_or_default()
+        Err($crate::engine::backend::not_built(
+            $crate::engine::DeviceKind::Gpu,
         ))
     }};
 }
@@ -89,10 +95,8 @@ macro_rules! wgpu_or_error {
 macro_rules! wgpu_or_error {
     ($opts:expr, |$B:ident, $dev:ident| $body:expr) => {{
         let _ = &$opts;
-        Err(anyhow::anyhow!(
-            "{}",
-            $crate::engine::backend::missing_feature($crate::engine::DeviceKind::Wgpu)
-                .unwrap_or_default()
+        Err($crate::engine::backend::not_built(
+            $crate::engine::DeviceKind::Wgpu,
         ))
     }};
 }

@@ -40,16 +40,20 @@ impl FlatLayout {
         self.len() == 0
     }
 
-    /// The all-reduce calls over the buffer: consecutive ranges of at most `bucket` floats
-    /// covering it exactly. Buckets cut through tensors where they fall (a reduce is
-    /// elementwise, so a tensor split over two calls is reduced the same).
+    /// The all-reduce calls over the buffer: [`buckets`] of its length.
     pub fn buckets(&self, bucket: usize) -> Vec<Range<usize>> {
-        assert!(bucket > 0, "bucket size 0");
-        let n = self.len();
-        (0..n.div_ceil(bucket))
-            .map(|i| i * bucket..((i + 1) * bucket).min(n))
-            .collect()
+        buckets(self.len(), bucket)
     }
+}
+
+/// The all-reduce calls over a buffer of `len` floats: consecutive ranges of at most `bucket`
+/// floats covering it exactly. Buckets cut through tensors where they fall (a reduce is
+/// elementwise, so a tensor split over two calls is reduced the same).
+pub fn buckets(len: usize, bucket: usize) -> Vec<Range<usize>> {
+    assert!(bucket > 0, "bucket size 0");
+    (0..len.div_ceil(bucket))
+        .map(|i| i * bucket..((i + 1) * bucket).min(len))
+        .collect()
 }
 
 #[cfg(test)]

@@ -34,8 +34,8 @@ fn in_buckets(
     coll: &mut dyn Collective,
     mut op: impl FnMut(&mut dyn Collective, &mut [f32]) -> Result<()>,
 ) -> Result<()> {
-    for chunk in buf.chunks_mut(BUCKET_FLOATS) {
-        op(coll, chunk)?;
+    for range in super::flat::buckets(buf.len(), BUCKET_FLOATS) {
+        op(coll, &mut buf[range])?;
     }
     Ok(())
 }

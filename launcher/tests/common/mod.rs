@@ -202,3 +202,31 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     }
     out
 }
+
+/// The largest difference of any tensor `filter` keeps, relative to that tensor's largest
+/// magnitude, and the tensor's name. A NaN or infinity on either side fails.
+pub fn max_rel_diff(
+    a: &BTreeMap<String, Vec<f32>>,
+    b: &BTreeMap<String, Vec<f32>>,
+    filter: impl Fn(&str) -> bool,
+) -> (f32, String) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut worst = (0.0f32, String::new());
+    for (name, x) in a.iter().filter(|(n, _)| filter(n)) {
+        let y = &b[name];
+        assert!(
+            x.iter().chain(y).all(|v| v.is_finite()),
+            "{name}: a value is not finite"
+        );
+        let scale = x.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let d = x
+            .iter()
+            .zip(y)
+            .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()))
+            / scale;
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+    }
+    worst
+}
