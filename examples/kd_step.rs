@@ -37,11 +37,20 @@ fn main() -> anyhow::Result<()> {
     kd_engine::engine::init_cpu_threads(Some(threads));
     kd_engine::engine::keep_freed_memory();
     let no_teacher = teacher == "none";
+    // `stem` is a key of the plain ResNets only (PP-LCNet and MobileNetV3 have one stem).
+    let stem_of = |name: &str| {
+        if name.starts_with("ResNet") && !name.contains("_vd") {
+            format!(", stem: {stem}")
+        } else {
+            String::new()
+        }
+    };
+    let (ts, ss) = (stem_of(&teacher), stem_of(&student));
     let yaml = if no_teacher {
-        format!("Arch: {{name: {student}, class_num: {classes}, stem: {stem}}}\nLoss:\n  Train:\n    - CELoss: {{weight: 1.0}}\n")
+        format!("Arch: {{name: {student}, class_num: {classes}{ss}}}\nLoss:\n  Train:\n    - CELoss: {{weight: 1.0}}\n")
     } else {
         format!(
-            "Arch:\n  name: DistillationModel\n  class_num: {classes}\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {{name: {teacher}, stem: {stem}}}\n    - Student: {{name: {student}, stem: {stem}}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n"
+            "Arch:\n  name: DistillationModel\n  class_num: {classes}\n  freeze_params_list: [True, False]\n  models:\n    - Teacher: {{name: {teacher}{ts}}}\n    - Student: {{name: {student}{ss}}}\n  infer_model_name: Student\nLoss:\n  Train:\n    - DistillationGTCELoss: {{weight: 1.0, model_names: [Student]}}\n    - DistillationKLDivLoss: {{weight: 1.0, model_name_pairs: [[Student, Teacher]], temperature: 4}}\n"
         )
     };
     let config = arg("--config", "");

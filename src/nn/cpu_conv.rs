@@ -1,7 +1,6 @@
 //! Dense convolution as a backend-extension op ([`ConvBackend`], burn's pattern for custom
-//! operations), and its CPU implementation for training on `Autodiff<Flex>`: im2col + one batched
-//! GEMM forward, and a custom backward (weight gradient = GEMM against the im2col matrix, input
-//! gradient = GEMM then col2im). burn 0.21's generic convolution backward transposes activations
+//! operations), and its CPU implementation for training on `Autodiff<Flex>`: im2col + GEMM a few
+//! samples at a time ([`super::gemm_conv`]), forward and backward. burn 0.21's generic convolution backward transposes activations
 //! with strided copies and runs a direct transposed convolution; profiles of ResNet training
 //! showed those, not the GEMMs, taking most of the step. Backends without their own version
 //! (CUDA, wgpu) keep burn's convolution through the trait's default methods.
@@ -14,28 +13,48 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{ConvOptions, FloatTensor};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use rayon::prelude::*;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
 
-/// The one convolution shape kd-launch runs through [`ConvBackend`]: square kernel, the same
-/// stride on both axes, symmetric zero padding, no bias, no dilation, one group (the dense
-/// convolutions of PaddleClas's `ConvBNLayer`). The kernel size comes from the weight.
+use super::conv_geometry::Geometry;
+use super::{depthwise_conv, gemm_conv};
+
+/// The convolutions kd-launch runs through [`ConvBackend`] (those of PaddleClas's
+/// `ConvBNLayer`): square kernel, the same stride on both axes, symmetric zero padding, no bias,
+/// no dilation; dense (one group, weight `[Cout, Cin, k, k]`) or depthwise (one filter per
+/// channel, weight `[C, 1, k, k]`). The kernel size comes from the weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DenseConv {
+pub struct SquareConv {
     pub stride: usize,
     pub pad: usize,
+    pub depthwise: bool,
 }
 
-impl DenseConv {
-    /// The same convolution in burn's terms.
-    pub fn options(self) -> ConvOptions<2> {
-        ConvOptions::new([self.stride, self.stride], [self.pad, self.pad], [1, 1], 1)
+impl SquareConv {
+    /// A dense convolution.
+    pub fn dense(stride: usize, pad: usize) -> Self {
+        SquareConv {
+            stride,
+            pad,
+            depthwise: false,
+        }
+    }
+    /// The same convolution in burn's terms, for a weight with `out_channels` filters.
+    pub fn options(self, out_channels: usize) -> ConvOptions<2> {
+        let groups = if self.depthwise { out_channels } else { 1 };
+        ConvOptions::new([self.stride, self.stride], [self.pad, self.pad], [1, 1], groups)
     }
 }
 
-/// Gradients of a [`DenseConv`] with respect to its input and its weight; `None` where the
+/// Output channels of a `[Cout, Cin/groups, k, k]` weight.
+fn out_channels<B: Backend>(weight: &FloatTensor<B>) -> usize {
+    use burn::tensor::TensorMetadata;
+    weight.shape()[0]
+}
+
+/// Gradients of a [`SquareConv`] with respect to its input and its weight; `None` where the
 /// backward pass did not ask for one (a frozen weight, an input that needs no gradient).
-pub struct DenseConvGrads<B: Backend> {
+pub struct ConvGrads<B: Backend> {
     pub x: Option<FloatTensor<B>>,
     pub weight: Option<FloatTensor<B>>,
 }
@@ -46,49 +65,50 @@ pub struct DenseConvGrads<B: Backend> {
 /// `Autodiff<B>` records the op in the graph with a backward that calls `B`'s.
 pub trait ConvBackend: Backend {
     /// `x[N, Cin, H, W]` convolved with `weight[Cout, Cin, k, k]`: `[N, Cout, Ho, Wo]`.
-    fn dense_conv2d(
+    fn square_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
-        conv: DenseConv,
+        conv: SquareConv,
     ) -> FloatTensor<Self> {
-        burn_dense_conv2d::<Self>(x, weight, conv)
+        burn_square_conv2d::<Self>(x, weight, conv)
     }
 
-    /// The gradients of [`ConvBackend::dense_conv2d`] given the gradient of its output,
+    /// The gradients of [`ConvBackend::square_conv2d`] given the gradient of its output,
     /// computing only the ones asked for.
-    fn dense_conv2d_backward(
+    fn square_conv2d_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        conv: DenseConv,
+        conv: SquareConv,
         want_x: bool,
         want_weight: bool,
-    ) -> DenseConvGrads<Self> {
-        burn_dense_conv2d_backward::<Self>(x, weight, grad, conv, want_x, want_weight)
+    ) -> ConvGrads<Self> {
+        burn_square_conv2d_backward::<Self>(x, weight, grad, conv, want_x, want_weight)
     }
 }
 
-/// burn's convolution: the default [`ConvBackend::dense_conv2d`].
-pub fn burn_dense_conv2d<B: Backend>(
+/// burn's convolution: the default [`ConvBackend::square_conv2d`].
+pub fn burn_square_conv2d<B: Backend>(
     x: FloatTensor<B>,
     weight: FloatTensor<B>,
-    conv: DenseConv,
+    conv: SquareConv,
 ) -> FloatTensor<B> {
-    B::conv2d(x, weight, None, conv.options())
+    let options = conv.options(out_channels::<B>(&weight));
+    B::conv2d(x, weight, None, options)
 }
 
 /// burn's convolution gradients, the ones burn's autodiff takes for its own convolution: the
-/// default [`ConvBackend::dense_conv2d_backward`].
-pub fn burn_dense_conv2d_backward<B: Backend>(
+/// default [`ConvBackend::square_conv2d_backward`].
+pub fn burn_square_conv2d_backward<B: Backend>(
     x: FloatTensor<B>,
     weight: FloatTensor<B>,
     grad: FloatTensor<B>,
-    conv: DenseConv,
+    conv: SquareConv,
     want_x: bool,
     want_weight: bool,
-) -> DenseConvGrads<B> {
-    let options = conv.options();
-    DenseConvGrads {
+) -> ConvGrads<B> {
+    let options = conv.options(out_channels::<B>(&weight));
+    ConvGrads {
         x: want_x.then(|| {
             B::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone())
         }),
@@ -102,282 +122,97 @@ pub trait ConvAutodiffBackend: ConvBackend + AutodiffBackend<InnerBackend: ConvB
 
 impl<B> ConvAutodiffBackend for B where B: ConvBackend + AutodiffBackend<InnerBackend: ConvBackend> {}
 
-/// [`ConvBackend::dense_conv2d`] on tensors.
-pub fn dense_conv2d<B: ConvBackend>(
+/// [`ConvBackend::square_conv2d`] on tensors.
+pub fn square_conv2d<B: ConvBackend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
-    conv: DenseConv,
+    conv: SquareConv,
 ) -> Tensor<B, 4> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::dense_conv2d(
+    Tensor::from_primitive(TensorPrimitive::Float(B::square_conv2d(
         x.into_primitive().tensor(),
         weight.into_primitive().tensor(),
         conv,
     )))
 }
 
-/// Geometry of a square-kernel convolution with symmetric padding.
-#[derive(Clone, Copy, Debug)]
-struct Geometry {
-    n: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    ho: usize,
-    wo: usize,
+/// `t` as contiguous f32 storage, or `None` for another float type (then burn's convolution
+/// runs instead).
+fn f32_storage(t: &FlexTensor) -> Option<FlexTensor> {
+    (t.dtype() == DType::F32).then(|| t.to_contiguous())
 }
 
-impl Geometry {
-    fn new([n, cin, h, w]: [usize; 4], k: usize, stride: usize, pad: usize) -> Self {
-        let ho = (h + 2 * pad - k) / stride + 1;
-        let wo = (w + 2 * pad - k) / stride + 1;
-        Geometry {
-            n,
-            cin,
-            h,
-            w,
-            k,
-            stride,
-            pad,
-            ho,
-            wo,
-        }
-    }
-    /// Rows of the im2col matrix (`Cin·k²`) and its columns (`Ho·Wo`).
-    fn kl(&self) -> (usize, usize) {
-        (self.cin * self.k * self.k, self.ho * self.wo)
-    }
-    /// A plain 1×1 stride-1 convolution needs no im2col: the input already is the matrix.
-    fn is_pointwise(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.pad == 0
-    }
+fn from_vec(data: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
 }
 
-/// Output columns `ox` whose input column `ox·stride + j − pad` lies inside `[0, w)`.
-fn valid_range(j: usize, g: &Geometry) -> std::ops::Range<usize> {
-    let lo = g.pad.saturating_sub(j).div_ceil(g.stride);
-    let hi = if g.w + g.pad > j {
-        ((g.w + g.pad - j - 1) / g.stride + 1).min(g.wo)
-    } else {
-        0
-    };
-    lo..hi.max(lo)
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
 }
 
-/// Calls `f(dst_row_segment, src_row, first_src_col)` for every in-bounds output row of kernel
-/// tap `(i, j)`: the gather/scatter pattern shared by im2col and col2im.
-fn for_each_tap_row(
-    g: &Geometry,
-    i: usize,
-    j: usize,
-    mut f: impl FnMut(std::ops::Range<usize>, usize, usize),
-) {
-    let ok = valid_range(j, g);
-    if ok.is_empty() {
-        return;
-    }
-    let first = ok.start * g.stride + j - g.pad;
-    for oy in 0..g.ho {
-        let y = (oy * g.stride + i) as isize - g.pad as isize;
-        if y >= 0 && y < g.h as isize {
-            f(
-                oy * g.wo + ok.start..oy * g.wo + ok.end,
-                y as usize * g.w,
-                first,
-            );
-        }
-    }
-}
-
-/// `x[N, Cin, H, W]` → `cols[Cin·k², N·Ho·Wo]`: rows ordered (c, i, j) like the weight's
-/// `[Cout, Cin, k, k]`, all samples side by side so a layer is one large GEMM.
-fn im2col(x: &[f32], g: Geometry) -> Vec<f32> {
-    let (kk, l) = g.kl();
-    let plane = g.h * g.w;
-    let mut cols = vec![0f32; kk * g.n * l];
-    cols.par_chunks_mut(g.n * l)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let (c, i, j) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
-            for n in 0..g.n {
-                let src = &x[(n * g.cin + c) * plane..(n * g.cin + c + 1) * plane];
-                let dst = &mut row[n * l..(n + 1) * l];
-                for_each_tap_row(&g, i, j, |out, src_row, first| {
-                    let d = &mut dst[out];
-                    let s = &src[src_row + first..src_row + g.w];
-                    if g.stride == 1 {
-                        d.copy_from_slice(&s[..d.len()]);
-                    } else {
-                        d.iter_mut()
-                            .zip(s.iter().step_by(g.stride))
-                            .for_each(|(d, s)| *d = *s);
-                    }
-                });
-            }
-        });
-    cols
-}
-
-/// The adjoint of [`im2col`]: scatter-adds `cols[Cin·k², N·Ho·Wo]` back to `[N, Cin, H, W]`.
-fn col2im(cols: &[f32], g: Geometry) -> Vec<f32> {
-    let (_, l) = g.kl();
-    let plane = g.h * g.w;
-    let mut x = vec![0f32; g.n * g.cin * plane];
-    x.par_chunks_mut(plane).enumerate().for_each(|(nc, dst)| {
-        let (n, c) = (nc / g.cin, nc % g.cin);
-        for i in 0..g.k {
-            for j in 0..g.k {
-                let r = (c * g.k + i) * g.k + j;
-                let src = &cols[(r * g.n + n) * l..(r * g.n + n + 1) * l];
-                for_each_tap_row(&g, i, j, |out, dst_row, first| {
-                    let d = &mut dst[dst_row + first..dst_row + g.w];
-                    d.iter_mut()
-                        .step_by(g.stride)
-                        .zip(&src[out])
-                        .for_each(|(d, s)| *d += *s);
-                });
-            }
-        }
-    });
-    x
-}
-
-/// `[N, C, L]` → `[C, N·L]`.
-fn to_channel_major(t: &[f32], n: usize, c: usize, l: usize) -> Vec<f32> {
-    let mut out = vec![0f32; t.len()];
-    out.par_chunks_mut(n * l).enumerate().for_each(|(ci, row)| {
-        for ni in 0..n {
-            row[ni * l..(ni + 1) * l].copy_from_slice(&t[(ni * c + ci) * l..(ni * c + ci + 1) * l]);
-        }
-    });
-    out
-}
-
-/// `[C, N·L]` → `[N, C, L]`.
-fn to_sample_major(t: &[f32], n: usize, c: usize, l: usize) -> Vec<f32> {
-    let mut out = vec![0f32; t.len()];
-    out.par_chunks_mut(l).enumerate().for_each(|(nc, dst)| {
-        let (ni, ci) = (nc / c, nc % c);
-        dst.copy_from_slice(&t[(ci * n + ni) * l..(ci * n + ni + 1) * l]);
-    });
-    out
-}
-
-fn float_tensor<const D: usize>(t: FloatTensor<Flex>) -> Tensor<Flex, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-fn to_vec<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 tensor")
-}
-
-fn matrix(
-    data: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    device: &<Flex as burn::tensor::backend::BackendTypes>::Device,
-) -> Tensor<Flex, 2> {
-    Tensor::from_data(TensorData::new(data, [rows, cols]), device)
-}
-
-/// The im2col matrix `[Cin·k², N·Ho·Wo]` of `x`.
-fn cols_of(x: Tensor<Flex, 4>, g: Geometry) -> Tensor<Flex, 2> {
-    let (kk, l) = g.kl();
-    let device = x.device();
-    let x = to_vec(x);
-    let cols = if g.is_pointwise() {
-        to_channel_major(&x, g.n, g.cin, l)
-    } else {
-        im2col(&x, g)
-    };
-    matrix(cols, kk, g.n * l, &device)
-}
-
-/// The forward pass: `W[Cout, K] @ cols[K, N·L]`, back to `[N, Cout, Ho, Wo]`.
-fn forward(x: Tensor<Flex, 4>, w: Tensor<Flex, 4>, g: Geometry) -> Tensor<Flex, 4> {
-    let [cout, ..] = w.dims();
-    let (kk, l) = g.kl();
-    let device = x.device();
-    let y = to_vec(w.reshape([cout, kk]).matmul(cols_of(x, g)));
-    Tensor::from_data(
-        TensorData::new(to_sample_major(&y, g.n, cout, l), [g.n, cout, g.ho, g.wo]),
-        &device,
-    )
-}
-
-/// The im2col path on `Flex`, the CPU backend (inference, and the inner backend of training).
+/// The chunked im2col + GEMM path ([`super::gemm_conv`]) and the direct depthwise kernel
+/// ([`super::depthwise_conv`]) on `Flex`, the CPU backend (inference, and the inner backend
+/// of training).
 impl ConvBackend for Flex {
-    fn dense_conv2d(
+    fn square_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
-        conv: DenseConv,
+        conv: SquareConv,
     ) -> FloatTensor<Self> {
-        let (x, w) = (float_tensor::<4>(x), float_tensor::<4>(weight));
-        let g = Geometry::new(x.dims(), w.dims()[2], conv.stride, conv.pad);
-        forward(x, w, g).into_primitive().tensor()
+        let (Some(xc), Some(wc)) = (f32_storage(&x), f32_storage(&weight)) else {
+            return burn_square_conv2d::<Self>(x, weight, conv);
+        };
+        let [cout, _, k, _] = dims4(&wc);
+        let g = Geometry::new(dims4(&xc), cout, k, conv.stride, conv.pad);
+        let y = if conv.depthwise {
+            depthwise_conv::forward(f32s(&xc), f32s(&wc), &g)
+        } else {
+            gemm_conv::forward(f32s(&xc), f32s(&wc), &g)
+        };
+        from_vec(y, [g.n, cout, g.ho, g.wo])
     }
 
-    fn dense_conv2d_backward(
+    fn square_conv2d_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        conv: DenseConv,
+        conv: SquareConv,
         want_x: bool,
         want_weight: bool,
-    ) -> DenseConvGrads<Self> {
-        let (x, w) = (float_tensor::<4>(x), float_tensor::<4>(weight));
-        let grad = float_tensor::<4>(grad);
-        let [cout, _, k, _] = w.dims();
-        let g = Geometry::new(x.dims(), k, conv.stride, conv.pad);
-        let (kk, l) = g.kl();
-        let device = grad.device();
-        // dY as [Cout, N·L], the layout of the forward GEMM's output.
-        let grad = matrix(
-            to_channel_major(&to_vec(grad), g.n, cout, l),
-            cout,
-            g.n * l,
-            &device,
-        );
-        let grad_weight = want_weight.then(|| {
-            // dW = dY · colsᵀ
-            grad.clone()
-                .matmul(cols_of(x, g).transpose())
-                .reshape([cout, g.cin, k, k])
-                .into_primitive()
-                .tensor()
-        });
-        let grad_x = want_x.then(|| {
-            // dcols = Wᵀ · dY, then col2im.
-            let gcols = to_vec(w.reshape([cout, kk]).transpose().matmul(grad));
-            let gx = if g.is_pointwise() {
-                to_sample_major(&gcols, g.n, g.cin, l)
-            } else {
-                col2im(&gcols, g)
-            };
-            Tensor::<Flex, 4>::from_data(TensorData::new(gx, [g.n, g.cin, g.h, g.w]), &device)
-                .into_primitive()
-                .tensor()
-        });
-        DenseConvGrads {
-            x: grad_x,
-            weight: grad_weight,
+    ) -> ConvGrads<Self> {
+        let (Some(xc), Some(wc), Some(dy)) =
+            (f32_storage(&x), f32_storage(&weight), f32_storage(&grad))
+        else {
+            return burn_square_conv2d_backward::<Self>(x, weight, grad, conv, want_x, want_weight);
+        };
+        let [cout, cin_per_group, k, _] = dims4(&wc);
+        let g = Geometry::new(dims4(&xc), cout, k, conv.stride, conv.pad);
+        let (x, w, dy) = (f32s(&xc), f32s(&wc), f32s(&dy));
+        let (dx, dw) = if conv.depthwise {
+            depthwise_conv::backward(x, w, dy, &g, want_x, want_weight)
+        } else {
+            gemm_conv::backward(x, w, dy, &g, want_x, want_weight)
+        };
+        ConvGrads {
+            x: dx.map(|d| from_vec(d, [g.n, g.cin, g.h, g.w])),
+            weight: dw.map(|d| from_vec(d, [cout, cin_per_group, k, k])),
         }
     }
 }
 
-/// `B`'s dense convolution as one node of the autodiff graph (rather than the graph of whatever
-/// `B`'s version is made of), whose backward is `B`'s [`ConvBackend::dense_conv2d_backward`].
-#[derive(Debug)]
-struct DenseConvBackward;
+/// The elements of a contiguous f32 tensor.
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 tensor")
+}
 
-impl<B: ConvBackend> Backward<B, 2> for DenseConvBackward {
+/// `B`'s dense convolution as one node of the autodiff graph (rather than the graph of whatever
+/// `B`'s version is made of), whose backward is `B`'s [`ConvBackend::square_conv2d_backward`].
+#[derive(Debug)]
+struct SquareConvBackward;
+
+impl<B: ConvBackend> Backward<B, 2> for SquareConvBackward {
     /// The checkpointed input and weight, and the convolution.
-    type State = (NodeId, NodeId, DenseConv);
+    type State = (NodeId, NodeId, SquareConv);
 
     fn backward(
         self,
@@ -390,7 +225,7 @@ impl<B: ConvBackend> Backward<B, 2> for DenseConvBackward {
         let (x_id, weight_id, conv) = ops.state;
         let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_id);
         let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(weight_id);
-        let computed = B::dense_conv2d_backward(
+        let computed = B::square_conv2d_backward(
             x,
             weight,
             grad,
@@ -408,13 +243,13 @@ impl<B: ConvBackend> Backward<B, 2> for DenseConvBackward {
 }
 
 impl<B: ConvBackend, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
-    fn dense_conv2d(
+    fn square_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
-        conv: DenseConv,
+        conv: SquareConv,
     ) -> FloatTensor<Self> {
-        let prepared = <DenseConvBackward as Backward<B, 2>>::prepare::<C>(
-            DenseConvBackward,
+        let prepared = <SquareConvBackward as Backward<B, 2>>::prepare::<C>(
+            SquareConvBackward,
             [x.node.clone(), weight.node.clone()],
         );
         match prepared.compute_bound().stateful() {
@@ -423,11 +258,11 @@ impl<B: ConvBackend, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
                 let weight_state = prep.checkpoint(&weight);
                 prep.finish(
                     (x_state, weight_state, conv),
-                    B::dense_conv2d(x.primitive, weight.primitive, conv),
+                    B::square_conv2d(x.primitive, weight.primitive, conv),
                 )
             }
             OpsKind::UnTracked(prep) => {
-                prep.finish(B::dense_conv2d(x.primitive, weight.primitive, conv))
+                prep.finish(B::square_conv2d(x.primitive, weight.primitive, conv))
             }
         }
     }
@@ -450,33 +285,44 @@ mod tests {
 
     type Ad = Autodiff<Flex>;
 
+    fn float_tensor<const D: usize>(t: FloatTensor<Flex>) -> Tensor<Flex, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(t))
+    }
+
     /// Values and both gradients equal burn's own convolution's (the reference).
     #[test]
     fn matches_burn_convolution_values_and_gradients() {
         let device = Default::default();
-        for (k, stride, cin, cout, hw) in [
-            (3, 1, 3, 5, 7),
-            (3, 2, 4, 6, 8),
-            (1, 2, 4, 3, 7),
-            (7, 2, 3, 4, 11),
-            (1, 1, 2, 2, 3),
+        // Batches of one, two and several samples per chunk, with a short last chunk.
+        for (n, k, stride, cin, cout, hw) in [
+            (2, 3, 1, 3, 5, 7),
+            (2, 3, 2, 4, 6, 8),
+            (2, 1, 2, 4, 3, 7),
+            (2, 7, 2, 3, 4, 11),
+            (2, 1, 1, 2, 2, 3),
+            (1, 3, 1, 3, 4, 9),
+            (1, 1, 1, 3, 4, 9),
+            (13, 3, 1, 3, 5, 4),
+            (13, 1, 1, 3, 5, 4),
+            (11, 3, 2, 2, 3, 5),
+            (40, 3, 1, 2, 3, 6),
         ] {
             let pad = k / 2;
             let x0 =
-                Tensor::<Ad, 4>::random([2, cin, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+                Tensor::<Ad, 4>::random([n, cin, hw, hw], Distribution::Normal(0.0, 1.0), &device);
             let w0 =
                 Tensor::<Ad, 4>::random([cout, cin, k, k], Distribution::Normal(0.0, 0.5), &device);
             let run = |fast: bool| {
                 let x = x0.clone().detach().require_grad();
                 let w = w0.clone().detach().require_grad();
                 let y = if fast {
-                    dense_conv2d(x.clone(), w.clone(), DenseConv { stride, pad })
+                    square_conv2d(x.clone(), w.clone(), SquareConv::dense(stride, pad))
                 } else {
                     burn::tensor::module::conv2d(
                         x.clone(),
                         w.clone(),
                         None,
-                        DenseConv { stride, pad }.options(),
+                        SquareConv::dense(stride, pad).options(cout),
                     )
                 };
                 let yv: Vec<f32> = y.clone().into_data().to_vec().unwrap();
@@ -491,7 +337,52 @@ mod tests {
                 for (p, q) in u.iter().zip(v.iter()) {
                     assert!(
                         (p - q).abs() <= 1e-3 * (1.0 + p.abs()),
-                        "k{k} s{stride} {name}: {p} vs {q}"
+                        "n{n} k{k} s{stride} {name}: {p} vs {q}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The depthwise kernel's values and both gradients equal burn's grouped convolution's.
+    #[test]
+    fn depthwise_matches_burn_grouped_convolution() {
+        let device = Default::default();
+        for (n, c, k, stride, hw) in [
+            (2, 3, 3, 1, 7),
+            (3, 4, 3, 2, 8),
+            (2, 5, 5, 1, 9),
+            (2, 3, 5, 2, 11),
+            (1, 2, 3, 2, 1),
+        ] {
+            let spec = SquareConv {
+                stride,
+                pad: k / 2,
+                depthwise: true,
+            };
+            let x0 = Tensor::<Ad, 4>::random([n, c, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+            let w0 = Tensor::<Ad, 4>::random([c, 1, k, k], Distribution::Normal(0.0, 0.5), &device);
+            let run = |fast: bool| {
+                let x = x0.clone().detach().require_grad();
+                let w = w0.clone().detach().require_grad();
+                let y = if fast {
+                    square_conv2d(x.clone(), w.clone(), spec)
+                } else {
+                    burn::tensor::module::conv2d(x.clone(), w.clone(), None, spec.options(c))
+                };
+                let yv: Vec<f32> = y.clone().into_data().to_vec().unwrap();
+                let g = y.square().sum().backward();
+                let gx: Vec<f32> = x.grad(&g).unwrap().into_data().to_vec().unwrap();
+                let gw: Vec<f32> = w.grad(&g).unwrap().into_data().to_vec().unwrap();
+                (yv, gx, gw)
+            };
+            let (a, b) = (run(false), run(true));
+            for (name, u, v) in [("y", &a.0, &b.0), ("dx", &a.1, &b.1), ("dw", &a.2, &b.2)] {
+                assert_eq!(u.len(), v.len());
+                for (p, q) in u.iter().zip(v.iter()) {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * (1.0 + p.abs()),
+                        "n{n} c{c} k{k} s{stride} {name}: {p} vs {q}"
                     );
                 }
             }
@@ -503,7 +394,7 @@ mod tests {
         let device = Default::default();
         let x = Tensor::<Flex, 4>::random([3, 4, 9, 9], Distribution::Normal(0.0, 1.0), &device);
         let w = Tensor::<Flex, 4>::random([5, 4, 3, 3], Distribution::Normal(0.0, 1.0), &device);
-        let a: Vec<f32> = dense_conv2d(x.clone(), w.clone(), DenseConv { stride: 2, pad: 1 })
+        let a: Vec<f32> = square_conv2d(x.clone(), w.clone(), SquareConv::dense(2, 1))
             .into_data()
             .to_vec()
             .unwrap();
@@ -522,18 +413,18 @@ mod tests {
     #[test]
     fn burn_defaults_equal_burn_autodiff_convolution() {
         let device = Default::default();
-        let conv = DenseConv { stride: 2, pad: 1 };
+        let conv = SquareConv::dense(2, 1);
         let x0 = Tensor::<Ad, 4>::random([2, 3, 9, 9], Distribution::Normal(0.0, 1.0), &device);
         let w0 = Tensor::<Ad, 4>::random([4, 3, 3, 3], Distribution::Normal(0.0, 0.5), &device);
         let (x, w) = (x0.detach().require_grad(), w0.detach().require_grad());
-        let y = burn::tensor::module::conv2d(x.clone(), w.clone(), None, conv.options());
+        let y = burn::tensor::module::conv2d(x.clone(), w.clone(), None, conv.options(4));
         let dy = y.random_like(Distribution::Normal(0.0, 1.0)).detach();
         // d(sum(y · dy))/dy is dy itself.
         let g = y.clone().mul(dy.clone()).sum().backward();
         let floats = |t: Tensor<Flex, 4>| t.into_data().to_vec::<f32>().unwrap();
         let prim = |t: Tensor<Flex, 4>| t.into_primitive().tensor();
         let (xi, wi, dyi) = (x.clone().inner(), w.clone().inner(), dy.inner());
-        let ours = burn_dense_conv2d_backward::<Flex>(
+        let ours = burn_square_conv2d_backward::<Flex>(
             prim(xi.clone()),
             prim(wi.clone()),
             prim(dyi),
@@ -541,7 +432,7 @@ mod tests {
             true,
             true,
         );
-        let yi = float_tensor::<4>(burn_dense_conv2d::<Flex>(prim(xi), prim(wi), conv));
+        let yi = float_tensor::<4>(burn_square_conv2d::<Flex>(prim(xi), prim(wi), conv));
         assert_eq!(floats(yi), floats(y.inner()));
         assert_eq!(
             floats(float_tensor(ours.x.unwrap())),

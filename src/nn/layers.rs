@@ -2,7 +2,7 @@
 //! can run in eval mode, or on batch statistics as PaddleClas does, on any backend), Conv+BN(+act),
 //! Paddle's activations, squeeze-and-excitation, and Paddle's dropout.
 
-use super::cpu_conv::{dense_conv2d, ConvBackend, DenseConv};
+use super::cpu_conv::{square_conv2d, ConvBackend, SquareConv};
 use burn::module::{Module, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
@@ -10,8 +10,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether dense convolutions go through [`ConvBackend`] (on by default), whose CPU version is
-/// kd-launch's; off, every convolution is burn's `Conv2d` (for comparisons).
+/// Whether dense and depthwise convolutions go through [`ConvBackend`] (on by default), whose
+/// CPU version is kd-launch's; off, every convolution is burn's `Conv2d` (for comparisons).
 static CPU_CONV: AtomicBool = AtomicBool::new(true);
 
 /// Chooses between kd-launch's CPU convolution ([`ConvBackend`]) and burn's own.
@@ -277,13 +277,16 @@ impl<B: Backend> ConvBn<B> {
 
 impl<B: ConvBackend> ConvBn<B> {
     pub fn forward(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4> {
-        // The backend's op is dense only: grouped convolutions always take burn's.
-        let conv = if self.conv.groups == 1 && CPU_CONV.load(Ordering::Relaxed) {
-            let dense = DenseConv {
+        // Dense and depthwise convolutions are the backend's op; other groupings take burn's.
+        let [cout, cin_per_group, k, _] = self.conv.weight.dims();
+        let depthwise = cin_per_group == 1 && self.conv.groups == cout && cout > 1;
+        let conv = if (self.conv.groups == 1 || depthwise) && CPU_CONV.load(Ordering::Relaxed) {
+            let spec = SquareConv {
                 stride: self.conv.stride[0],
-                pad: self.conv.weight.dims()[2] / 2,
+                pad: k / 2,
+                depthwise,
             };
-            dense_conv2d(x, self.conv.weight.val(), dense)
+            square_conv2d(x, self.conv.weight.val(), spec)
         } else {
             self.conv.forward(x)
         };

@@ -1,7 +1,10 @@
 //! Layers shared by the backbones, the losses' own layers and the data-parallel code: BatchNorm
 //! with kd-launch's modes, convolution + BatchNorm blocks, activations, and the CPU convolution.
 
+mod conv_geometry;
 pub mod cpu_conv;
+mod depthwise_conv;
+mod gemm_conv;
 pub mod layers;
 
 pub use layers::BnMode;
