@@ -89,7 +89,10 @@ fn backbones_match_burns_convolutions() {
         let floor = 1e-3 * ref_grads.iter().map(|g| max_abs(g)).fold(0f32, f32::max);
         for (i, (a, b)) in ref_grads.iter().zip(&grads).enumerate() {
             let d = max_rel(a, b, max_abs(a).max(floor));
-            assert!(d < 1e-4, "{arch}: gradient of parameter {i} differs by {d} (relative)");
+            assert!(
+                d < 1e-4,
+                "{arch}: gradient of parameter {i} differs by {d} (relative)"
+            );
         }
     }
 }

@@ -17,7 +17,13 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    pub fn new([n, cin, h, w]: [usize; 4], cout: usize, k: usize, stride: usize, pad: usize) -> Self {
+    pub fn new(
+        [n, cin, h, w]: [usize; 4],
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Self {
         let ho = (h + 2 * pad - k) / stride + 1;
         let wo = (w + 2 * pad - k) / stride + 1;
         Geometry {
@@ -45,4 +51,3 @@ pub fn valid_range(j: usize, g: &Geometry) -> std::ops::Range<usize> {
     };
     lo..hi.max(lo)
 }
-

@@ -16,6 +16,7 @@ use burn::tensor::ops::{ConvOptions, FloatTensor};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 
+use super::batch_norm_op::BatchNormBackend;
 use super::conv_geometry::Geometry;
 use super::{depthwise_conv, gemm_conv};
 
@@ -42,7 +43,12 @@ impl SquareConv {
     /// The same convolution in burn's terms, for a weight with `out_channels` filters.
     pub fn options(self, out_channels: usize) -> ConvOptions<2> {
         let groups = if self.depthwise { out_channels } else { 1 };
-        ConvOptions::new([self.stride, self.stride], [self.pad, self.pad], [1, 1], groups)
+        ConvOptions::new(
+            [self.stride, self.stride],
+            [self.pad, self.pad],
+            [1, 1],
+            groups,
+        )
     }
 }
 
@@ -59,11 +65,12 @@ pub struct ConvGrads<B: Backend> {
     pub weight: Option<FloatTensor<B>>,
 }
 
-/// A backend with kd-launch's dense convolution op. The default methods are burn's own
+/// A backend with kd-launch's convolution op (and its fused BatchNorm, the supertrait, so one
+/// bound brings both). The default methods are burn's own
 /// convolution and its gradients, so a backend with nothing better (CUDA) implements the trait
 /// with an empty block; `Flex` overrides both with the im2col + GEMM version, and
 /// `Autodiff<B>` records the op in the graph with a backward that calls `B`'s.
-pub trait ConvBackend: Backend {
+pub trait ConvBackend: BatchNormBackend {
     /// `x[N, Cin, H, W]` convolved with `weight[Cout, Cin, k, k]`: `[N, Cout, Ho, Wo]`.
     fn square_conv2d(
         x: FloatTensor<Self>,
@@ -360,7 +367,8 @@ mod tests {
                 pad: k / 2,
                 depthwise: true,
             };
-            let x0 = Tensor::<Ad, 4>::random([n, c, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+            let x0 =
+                Tensor::<Ad, 4>::random([n, c, hw, hw], Distribution::Normal(0.0, 1.0), &device);
             let w0 = Tensor::<Ad, 4>::random([c, 1, k, k], Distribution::Normal(0.0, 0.5), &device);
             let run = |fast: bool| {
                 let x = x0.clone().detach().require_grad();

@@ -22,8 +22,8 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-pub use super::conv_geometry::Geometry;
 use super::conv_geometry::valid_range;
+pub use super::conv_geometry::Geometry;
 
 /// GEMM columns a chunk aims for: enough for the kernel's panels to fill.
 const CHUNK_COLUMNS: usize = 256;
@@ -123,10 +123,7 @@ fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 /// Runs `f(i, item)` over `items`, in parallel if `parallel`.
 fn each<T: Send>(items: Vec<T>, parallel: bool, f: impl Fn(usize, T) + Sync + Send) {
     if parallel {
-        items
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(i, t)| f(i, t));
+        items.into_par_iter().enumerate().for_each(|(i, t)| f(i, t));
     } else {
         items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
     }
@@ -340,7 +337,17 @@ pub fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
             let (lhs, rhs) = ((kk as isize, 1), ((nb * l) as isize, 1));
             if nb == 1 {
                 // One sample's output [Cout, L] already is the GEMM's layout.
-                matmul(shape, yc, (l as isize, 1), false, w, lhs, cols, rhs, plan.gemm());
+                matmul(
+                    shape,
+                    yc,
+                    (l as isize, 1),
+                    false,
+                    w,
+                    lhs,
+                    cols,
+                    rhs,
+                    plan.gemm(),
+                );
             } else {
                 let out = sized(&mut s.out, g.cout * nb * l);
                 let rs = ((nb * l) as isize, 1);
@@ -468,10 +475,14 @@ mod tests {
     use super::*;
 
     fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -501,7 +512,10 @@ mod tests {
             };
             let one = run(1);
             for threads in [2, 3] {
-                assert!(run(threads) == one, "{dims:?} k{k}: {threads} threads differ from 1");
+                assert!(
+                    run(threads) == one,
+                    "{dims:?} k{k}: {threads} threads differ from 1"
+                );
             }
         }
     }

@@ -2,12 +2,13 @@
 //! can run in eval mode, or on batch statistics as PaddleClas does, on any backend), Conv+BN(+act),
 //! Paddle's activations, squeeze-and-excitation, and Paddle's dropout.
 
+use super::batch_norm_op::BatchNormBackend;
 use super::cpu_conv::{square_conv2d, ConvBackend, SquareConv};
 use burn::module::{Module, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorPrimitive};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether dense and depthwise convolutions go through [`ConvBackend`] (on by default), whose
@@ -102,6 +103,29 @@ impl<B: Backend> BatchNorm2d<B> {
         let shift = self.bias.val().sub(mean.mul(scale.clone()));
         let per_row = |t: Tensor<B, 1>| t.reshape([1, c, 1, 1]).repeat_dim(0, n);
         x.mul(per_row(scale)).add(per_row(shift))
+    }
+
+    /// [`BatchNorm2d::forward`], through the backend's fused op in plain training mode where
+    /// it has one (kd-launch's CPU ops switched on, see [`set_cpu_conv`]).
+    pub fn forward_fused(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4>
+    where
+        B: BatchNormBackend,
+    {
+        if mode == BnMode::Train && CPU_CONV.load(Ordering::Relaxed) {
+            let [n, _, h, w] = x.dims();
+            let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+            if let Some((y, mean, var)) = B::batch_norm_train(
+                x.clone().into_primitive().tensor(),
+                prim(self.weight.val()),
+                prim(self.bias.val()),
+                self.epsilon,
+            ) {
+                let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+                self.update_running(float(mean), float(var), n * h * w);
+                return Tensor::from_primitive(TensorPrimitive::Float(y));
+            }
+        }
+        self.forward(x, mode)
     }
 
     /// [`BnMode::TrainSplits`]: `[N, C, H, W]` viewed as `[N/k, k, C, HW]` puts sample
@@ -290,7 +314,7 @@ impl<B: ConvBackend> ConvBn<B> {
         } else {
             self.conv.forward(x)
         };
-        self.act.apply(self.bn.forward(conv, mode))
+        self.act.apply(self.bn.forward_fused(conv, mode))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Layers shared by the backbones, the losses' own layers and the data-parallel code: BatchNorm
 //! with kd-launch's modes, convolution + BatchNorm blocks, activations, and the CPU convolution.
 
+pub mod batch_norm_op;
 mod conv_geometry;
 pub mod cpu_conv;
 mod depthwise_conv;
