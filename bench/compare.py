@@ -9,9 +9,9 @@ reaches. Peak = best of PyTorch's 4096x4096 GEMM and a large 3x3 convolution at 
 count; FLOPs per image are counted by PyTorch's FlopCounterMode on the same step (2 x
 multiply-adds, forward + backward; the teacher's forward included), the same count for both.
 
-Needs: `cargo build --release --example kd_step --example infer_latency -p kd-launch`, and a
-Python with torch (+ onnxruntime for the inference rows), e.g. `python3 -m venv venv &&
-venv/bin/pip install torch onnxruntime`. bench/compare.sh does both and runs this.
+Needs the release binaries (kd-launch, examples kd_step and infer_latency) and a Python with
+torch (+ onnxruntime for the inference rows), e.g. `python3 -m venv venv && venv/bin/pip install
+torch onnxruntime`; bench/run.sh builds the binaries and runs this.
 
 Usage: bench/compare.py [--rounds 3] [--only SUBSTRING] [--threads 1,2] [--out FILE]
 """

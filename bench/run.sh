@@ -1,17 +1,12 @@
 #!/usr/bin/env bash
-# Side by side on this machine, in one run: the KD training step (CIFAR-style ResNet34 teacher →
-# ResNet18 student, batch 64, 32x32, 100 classes) in kd-launch and in PyTorch (CPU), at 1 and 2
-# threads, then the data loader alone on the quickstart data. Needs `pip install torch`.
-# Usage: bench/run.sh [steps]
+# kd-launch vs PyTorch (training steps, inference) and onnxruntime (exported students) on this
+# CPU, side by side in one run: builds the release binaries, then bench/compare.py alternates
+# the systems for --rounds rounds per case after waiting for an idle machine, and writes
+# bench/results/compare.md (medians, spreads, ratios, % of fp32 peak, peak RSS).
+# Needs a Python with torch and onnxruntime: `python3 -m venv venv && venv/bin/pip install torch
+# onnxruntime`, then PYTHON=venv/bin/python bench/run.sh [--rounds 3] [--only TEXT] [--threads 1,2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=${1:-4}
-cargo build --release --example kd_step --example loader_throughput 2>&1 | tail -1
-for t in 1 2; do
-  python3 bench/torch_kd_step.py --steps "$steps" --warmup 1 --threads "$t" | grep RESULT
-  ./target/release/examples/kd_step --steps "$steps" --warmup 1 --threads "$t" --conv kd | grep RESULT
-  ./target/release/examples/kd_step --steps "$steps" --warmup 1 --threads "$t" --conv burn | grep RESULT
-done
-for t in 1 2; do
-  ./target/release/examples/loader_throughput -c configs/quickstart/kd.yaml --threads "$t" | grep RESULT
-done
+cargo build --release -p kd-launch 2>&1 | tail -1
+cargo build --release -p kd-engine --example kd_step --example infer_latency 2>&1 | tail -1
+exec "${PYTHON:-python3}" bench/compare.py "$@"

@@ -27,6 +27,8 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::layers::Act;
+
 /// `(y, mean[C], biased variance[C])` of a training-mode BatchNorm.
 pub type BatchNormOutput<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
@@ -44,6 +46,18 @@ pub trait BatchNormBackend: Backend {
         _beta: FloatTensor<Self>,
         _epsilon: f64,
     ) -> Option<BatchNormOutput<Self>> {
+        None
+    }
+
+    /// Evaluation-mode BatchNorm and the activation after it in one pass, without gradients:
+    /// `act(x·scale[c] + shift[c])` over `x[N, C, H, W]`, or `None` where the backend has no
+    /// such op (or, under autodiff, where it would have to be differentiated).
+    fn scale_shift_act(
+        _x: FloatTensor<Self>,
+        _scale: FloatTensor<Self>,
+        _shift: FloatTensor<Self>,
+        _act: Act,
+    ) -> Option<FloatTensor<Self>> {
         None
     }
 
@@ -209,6 +223,37 @@ impl BatchNormBackend for Flex {
         ))
     }
 
+    fn scale_shift_act(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        act: Act,
+    ) -> Option<FloatTensor<Self>> {
+        let (x, scale, shift) = (f32_tensor(&x)?, f32_tensor(&scale)?, f32_tensor(&shift)?);
+        let (_, c, l) = ncl(&x)?;
+        let (scale, shift) = (floats(&scale), floats(&shift));
+        let mut y = vec![0f32; x.layout().num_elements()];
+        y.par_chunks_mut(l)
+            .zip(floats(&x).par_chunks(l))
+            .enumerate()
+            .for_each(|(nc, (out, src))| {
+                let (s, b) = (scale[nc % c], shift[nc % c]);
+                match act {
+                    Act::None => out.iter_mut().zip(src).for_each(|(o, v)| *o = v * s + b),
+                    Act::Relu => out
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(o, v)| *o = (v * s + b).max(0.0)),
+                    // x · clamp(x/6 + 1/2, 0, 1), as burn's hard_swish.
+                    Act::Hardswish => out.iter_mut().zip(src).for_each(|(o, v)| {
+                        let z = v * s + b;
+                        *o = z * (z / 6.0 + 0.5).clamp(0.0, 1.0)
+                    }),
+                }
+            });
+        Some(tensor(y, x.layout().shape().to_vec()))
+    }
+
     fn batch_norm_train_backward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -307,13 +352,61 @@ mod tests {
     use crate::nn::layers::BatchNorm2d;
     use crate::nn::BnMode;
     use burn::backend::{Autodiff, Flex};
-    use burn::module::Param;
+    use burn::module::{Param, RunningState};
     use burn::tensor::{Distribution, Tensor};
 
     type Ad = Autodiff<Flex>;
 
     fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
         t.into_data().to_vec().unwrap()
+    }
+
+    /// Evaluation-mode BatchNorm + activation in one pass equals the composed ops.
+    #[test]
+    fn scale_shift_act_equals_eval_batch_norm_then_activation() {
+        use super::BatchNormBackend;
+        use crate::nn::layers::Act;
+        let device = Default::default();
+        let x = Tensor::<Flex, 4>::random([3, 4, 5, 6], Distribution::Normal(0.0, 3.0), &device);
+        let mut bn = BatchNorm2d::<Flex>::new(4, &device);
+        bn.weight =
+            Param::from_tensor(Tensor::random([4], Distribution::Normal(1.0, 0.3), &device));
+        bn.bias = Param::from_tensor(Tensor::random([4], Distribution::Normal(0.0, 0.3), &device));
+        bn.running_mean =
+            RunningState::new(Tensor::random([4], Distribution::Normal(0.5, 1.0), &device));
+        bn.running_var = RunningState::new(Tensor::random(
+            [4],
+            Distribution::Uniform(0.5, 2.0),
+            &device,
+        ));
+        for act in [Act::None, Act::Relu, Act::Hardswish] {
+            let want = values(act.apply(bn.forward(x.clone(), BnMode::Eval)));
+            let scale = bn
+                .weight
+                .val()
+                .div(bn.running_var.value().add_scalar(bn.epsilon).sqrt());
+            let shift = bn
+                .bias
+                .val()
+                .sub(bn.running_mean.value().mul(scale.clone()));
+            let prim = |t: Tensor<Flex, 1>| t.into_primitive().tensor();
+            let got = Flex::scale_shift_act(
+                x.clone().into_primitive().tensor(),
+                prim(scale),
+                prim(shift),
+                act,
+            )
+            .expect("flex has the op");
+            let got = values(Tensor::<Flex, 4>::from_primitive(
+                burn::tensor::TensorPrimitive::Float(got),
+            ));
+            for (p, q) in want.iter().zip(&got) {
+                assert!(
+                    (p - q).abs() <= 1e-5 * (1.0 + p.abs()),
+                    "{act:?}: {p} vs {q}"
+                );
+            }
+        }
     }
 
     /// The fused op gives what the composed ops give: output, running statistics, and the

@@ -314,6 +314,27 @@ impl<B: ConvBackend> ConvBn<B> {
         } else {
             self.conv.forward(x)
         };
+        if mode == BnMode::Eval && CPU_CONV.load(Ordering::Relaxed) {
+            // Evaluation (frozen teachers, eval, inference): BatchNorm and activation in one pass.
+            let bn = &self.bn;
+            let scale = bn
+                .weight
+                .val()
+                .div(bn.running_var.value_sync().add_scalar(bn.epsilon).sqrt());
+            let shift = bn
+                .bias
+                .val()
+                .sub(bn.running_mean.value_sync().mul(scale.clone()));
+            let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+            if let Some(y) = B::scale_shift_act(
+                conv.clone().into_primitive().tensor(),
+                prim(scale),
+                prim(shift),
+                self.act,
+            ) {
+                return Tensor::from_primitive(TensorPrimitive::Float(y));
+            }
+        }
         self.act.apply(self.bn.forward_fused(conv, mode))
     }
 }
