@@ -7,5 +7,6 @@ pub mod cpu_conv;
 mod depthwise_conv;
 mod gemm_conv;
 pub mod layers;
+mod winograd;
 
 pub use layers::BnMode;
