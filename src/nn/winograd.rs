@@ -148,17 +148,12 @@ pub fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
                     for t_y in 0..ty {
                         for t_x in 0..tx {
                             let tile = si * tiles + t_y * tx + t_x;
-                            let mut a = [[0f32; 4]; 2];
-                            for j in 0..4 {
-                                let (m0, m1, m2, m3) = (
-                                    at(j, co, tile),
-                                    at(4 + j, co, tile),
-                                    at(8 + j, co, tile),
-                                    at(12 + j, co, tile),
-                                );
-                                a[0][j] = m0 + m1 + m2;
-                                a[1][j] = m1 - m2 - m3;
-                            }
+                            // Aᵀ M: rows 0..4 of column j are M[j], M[4+j], M[8+j], M[12+j].
+                            let m = |i: usize, j: usize| at(4 * i + j, co, tile);
+                            let a = [
+                                std::array::from_fn::<f32, 4, _>(|j| m(0, j) + m(1, j) + m(2, j)),
+                                std::array::from_fn::<f32, 4, _>(|j| m(1, j) - m(2, j) - m(3, j)),
+                            ];
                             for (i, ar) in a.iter().enumerate() {
                                 let yy = 2 * t_y + i;
                                 if yy >= h {
