@@ -349,7 +349,8 @@ impl BatchNormBackend for burn::backend::Wgpu {}
 
 #[cfg(test)]
 mod tests {
-    use crate::nn::layers::BatchNorm2d;
+    use super::BatchNormBackend;
+    use crate::nn::layers::{Act, BatchNorm2d};
     use crate::nn::BnMode;
     use burn::backend::{Autodiff, Flex};
     use burn::module::{Param, RunningState};
@@ -364,8 +365,6 @@ mod tests {
     /// Evaluation-mode BatchNorm + activation in one pass equals the composed ops.
     #[test]
     fn scale_shift_act_equals_eval_batch_norm_then_activation() {
-        use super::BatchNormBackend;
-        use crate::nn::layers::Act;
         let device = Default::default();
         let x = Tensor::<Flex, 4>::random([3, 4, 5, 6], Distribution::Normal(0.0, 3.0), &device);
         let mut bn = BatchNorm2d::<Flex>::new(4, &device);
@@ -414,6 +413,13 @@ mod tests {
     #[test]
     fn fused_equals_composed_batch_norm() {
         let device = Default::default();
+        let c3 = |t: Tensor<Ad, 1>| t.into_primitive().tensor();
+        let probe = Tensor::<Ad, 4>::zeros([2, 3, 2, 2], &device)
+            .into_primitive()
+            .tensor();
+        let ones = Tensor::<Ad, 1>::ones([3], &device);
+        // Otherwise forward_act would fall back to the composed ops and compare them to themselves.
+        assert!(Ad::batch_norm_train(probe, c3(ones.clone()), c3(ones), 1e-5).is_some());
         for dims in [[4, 3, 5, 5], [7, 2, 1, 1], [2, 5, 8, 3]] {
             let x0 = Tensor::<Ad, 4>::random(dims, Distribution::Normal(0.5, 2.0), &device);
             let dy = Tensor::<Ad, 4>::random(dims, Distribution::Normal(0.0, 1.0), &device);
@@ -425,7 +431,7 @@ mod tests {
                 bn.bias = Param::from_tensor(beta.clone().detach().require_grad());
                 let x = x0.clone().detach().require_grad();
                 let y = if fused {
-                    bn.forward_fused(x.clone(), BnMode::Train)
+                    bn.forward_act(x.clone(), BnMode::Train, Act::None)
                 } else {
                     bn.forward(x.clone(), BnMode::Train)
                 };

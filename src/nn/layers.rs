@@ -97,35 +97,58 @@ impl<B: Backend> BatchNorm2d<B> {
                 (mean, var)
             }
         };
-        // y = x * scale + shift with per-channel scale = γ/√(σ²+ε), shift = β − μ·scale:
-        // two full-size operations instead of four.
-        let scale = self.weight.val().div(var.add_scalar(self.epsilon).sqrt());
-        let shift = self.bias.val().sub(mean.mul(scale.clone()));
+        // y = x * scale + shift: two full-size operations instead of four.
+        let (scale, shift) = self.scale_shift(mean, var);
         let per_row = |t: Tensor<B, 1>| t.reshape([1, c, 1, 1]).repeat_dim(0, n);
         x.mul(per_row(scale)).add(per_row(shift))
     }
 
-    /// [`BatchNorm2d::forward`], through the backend's fused op in plain training mode where
-    /// it has one (kd-launch's CPU ops switched on, see [`set_cpu_conv`]).
-    pub fn forward_fused(&self, x: Tensor<B, 4>, mode: BnMode) -> Tensor<B, 4>
+    /// Per-channel `scale = γ/√(σ²+ε)` and `shift = β − μ·scale`, so that the normalised
+    /// output is `x·scale + shift`.
+    fn scale_shift(&self, mean: Tensor<B, 1>, var: Tensor<B, 1>) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let scale = self.weight.val().div(var.add_scalar(self.epsilon).sqrt());
+        let shift = self.bias.val().sub(mean.mul(scale.clone()));
+        (scale, shift)
+    }
+
+    /// `act(forward(x, mode))`, through the backend's fused ops where it has them (kd-launch's
+    /// CPU ops switched on, see [`set_cpu_conv`]): training BatchNorm as one op with its own
+    /// backward; evaluation BatchNorm and the activation in one pass (frozen teachers, eval,
+    /// inference).
+    pub fn forward_act(&self, x: Tensor<B, 4>, mode: BnMode, act: Act) -> Tensor<B, 4>
     where
         B: BatchNormBackend,
     {
-        if mode == BnMode::Train && CPU_CONV.load(Ordering::Relaxed) {
-            let [n, _, h, w] = x.dims();
-            let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
-            if let Some((y, mean, var)) = B::batch_norm_train(
-                x.clone().into_primitive().tensor(),
-                prim(self.weight.val()),
-                prim(self.bias.val()),
-                self.epsilon,
-            ) {
-                let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
-                self.update_running(float(mean), float(var), n * h * w);
-                return Tensor::from_primitive(TensorPrimitive::Float(y));
+        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+        let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+        if CPU_CONV.load(Ordering::Relaxed) {
+            match mode {
+                BnMode::Train => {
+                    let [n, _, h, w] = x.dims();
+                    if let Some((y, mean, var)) = B::batch_norm_train(
+                        x.clone().into_primitive().tensor(),
+                        prim(self.weight.val()),
+                        prim(self.bias.val()),
+                        self.epsilon,
+                    ) {
+                        self.update_running(float(mean), float(var), n * h * w);
+                        return act.apply(Tensor::from_primitive(TensorPrimitive::Float(y)));
+                    }
+                }
+                BnMode::Eval => {
+                    let (scale, shift) = self.scale_shift(
+                        self.running_mean.value_sync(),
+                        self.running_var.value_sync(),
+                    );
+                    let input = x.clone().into_primitive().tensor();
+                    if let Some(y) = B::scale_shift_act(input, prim(scale), prim(shift), act) {
+                        return Tensor::from_primitive(TensorPrimitive::Float(y));
+                    }
+                }
+                BnMode::TrainSplits(_) => {}
             }
         }
-        self.forward(x, mode)
+        act.apply(self.forward(x, mode))
     }
 
     /// [`BnMode::TrainSplits`]: `[N, C, H, W]` viewed as `[N/k, k, C, HW]` puts sample
@@ -280,28 +303,7 @@ impl<B: ConvBackend> ConvBn<B> {
         } else {
             self.conv.forward(x)
         };
-        if mode == BnMode::Eval && CPU_CONV.load(Ordering::Relaxed) {
-            // Evaluation (frozen teachers, eval, inference): BatchNorm and activation in one pass.
-            let bn = &self.bn;
-            let scale = bn
-                .weight
-                .val()
-                .div(bn.running_var.value_sync().add_scalar(bn.epsilon).sqrt());
-            let shift = bn
-                .bias
-                .val()
-                .sub(bn.running_mean.value_sync().mul(scale.clone()));
-            let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
-            if let Some(y) = B::scale_shift_act(
-                conv.clone().into_primitive().tensor(),
-                prim(scale),
-                prim(shift),
-                self.act,
-            ) {
-                return Tensor::from_primitive(TensorPrimitive::Float(y));
-            }
-        }
-        self.act.apply(self.bn.forward_fused(conv, mode))
+        self.bn.forward_act(conv, mode, self.act)
     }
 }
 
